@@ -1,0 +1,26 @@
+"""Packaging for fused_ops.
+
+`kernels/` (device code) is installed as the subpackage `fused_ops.kernels`, never as a
+top-level `kernels` module: that import name belongs to an unrelated PyPI package.
+"""
+from setuptools import setup
+
+setup(
+    name="fused_ops",
+    version="0.1.0",
+    description="Fused cross-entropy and BatchNorm for PyTorch: Triton kernels, analytic PyTorch path",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["fused_ops", "fused_ops.kernels"],
+    package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
+    package_data={"fused_ops": ["data/names.txt"]},
+    install_requires=["torch>=2.6", "tqdm>=4.60"],
+    extras_require={
+        "triton": ["triton>=3.2; platform_system == 'Linux'"],
+        "plot": ["matplotlib>=3.5"],
+        "test": ["pytest>=7", "matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["fused-ops = fused_ops.__main__:main"]},
+)
