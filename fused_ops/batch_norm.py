@@ -1,0 +1,385 @@
+"""BatchNorm over (N, C) and (N, C, L) with a fused activation: PyTorch path, autograd Function, op, module.
+
+Shapes: input (N, C) or (N, C, L); weight, bias, running_mean, running_var (C,). Statistics are per
+feature c over the N (and L) axis; n = N * L values each.
+
+Reads top to bottom: argument checks, the PyTorch path (the reference every backend is checked
+against), the autograd Function (dispatch to the Triton kernels or the PyTorch path), the functional
+`batch_norm`, the module `BatchNorm1d`.
+
+The closed forms, with xhat = (x - mean) * invstd and g the gradient reaching the affine output:
+    dx     = gamma * invstd / n * (n * g - sum(g) - xhat * sum(g * xhat))     training, biased variance
+    dx     = same with the last term times n / (n - 1)                          training, unbiased=True
+    dx     = g * gamma * invstd_running                                         eval (running stats)
+    dgamma = sum(g * xhat),  dbeta = sum(g)
+where g = dy for no activation, dy * (1 - y^2) after tanh and dy * (y > 0) after relu.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
+
+ACTIVATIONS = (None, "tanh", "relu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks: every misuse raises here, before anything (running stats included) is touched.
+# ----------------------------------------------------------------------------------------------------
+def _check_channel_tensor(name: str, t: object, input: torch.Tensor) -> None:
+    """A (C,) float tensor on input's device, of input's dtype (or float32 beside fp16/bf16 input)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"batch_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    num_features = input.shape[1]
+    if t.shape != (num_features,):
+        raise ValueError(
+            f"batch_norm: {name} must have shape ({num_features},) to match input's C = {num_features}, "
+            f"got {tuple(t.shape)}"
+        )
+    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"batch_norm: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+
+
+def _check_args(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | torch.Tensor,
+    eps: float,
+    unbiased: bool,
+    activation: str | None,
+) -> None:
+    """Raise a clear error naming the bad argument; checks shapes, dtypes and devices, never values."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"batch_norm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}")
+    if input.ndim not in (2, 3):
+        raise ValueError(f"batch_norm: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must both be tensors or both be None")
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: running_mean and running_var are required in eval mode (training=False)")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_channel_tensor(name, t, input)
+    if isinstance(momentum, torch.Tensor):
+        if momentum.ndim != 0 or not momentum.is_floating_point():
+            raise TypeError(
+                f"batch_norm: a momentum tensor must be a 0-dim float tensor, got {momentum.ndim}-D {momentum.dtype}"
+            )
+        if momentum.device != input.device:
+            raise ValueError(f"batch_norm: momentum is on {momentum.device} but input is on {input.device}")
+    elif not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
+        raise TypeError(
+            f"batch_norm: momentum must be a float or a 0-dim float tensor (for a cumulative average pass "
+            f"1 / num_batches_tracked), got {type(momentum).__name__}"
+        )
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"batch_norm: unbiased must be a bool, got {type(unbiased).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if training and input.numel() // max(input.shape[1], 1) == 1:
+        raise ValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch path
+# ----------------------------------------------------------------------------------------------------
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics (mean, invstd) are fp32, or fp64 for fp64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) -> (1, C) or (1, C, 1), to broadcast against the input."""
+    return t.view(1, -1) if ndim == 2 else t.view(1, -1, 1)
+
+
+def _reduce_dims(ndim: int) -> tuple[int, ...]:
+    return (0,) if ndim == 2 else (0, 2)
+
+
+def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """Gradient at the activation's input, from the saved output y."""
+    if activation == "tanh":
+        return dy * (1 - y.to(dy.dtype) ** 2)  # d tanh(u)/du = 1 - tanh(u)^2 = 1 - y^2
+    if activation == "relu":
+        return dy * (y > 0)  # y = max(u, 0): du = dy where y > 0
+    return dy
+
+
+def forward_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    eps: float,
+    training: bool,
+    unbiased: bool,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (N, C) or (N, C, L) -> (y like x, mean (C,), invstd (C,)); mean/invstd in `stat_dtype`.
+
+    Training normalises with the batch statistics and, when running stats are given, updates them in
+    place with the unbiased variance: running = (1 - momentum) * running + momentum * batch.
+    Eval normalises with the running stats.
+    """
+    stat = stat_dtype(x.dtype)
+    num_features = x.shape[1]
+    count = x.numel() // max(num_features, 1)  # n = N * L values per feature
+    xs = x.to(stat)
+    if not training:
+        mean = running_mean.to(stat)
+        invstd = torch.rsqrt(running_var.to(stat) + eps)
+    elif count == 0:  # as PyTorch: empty output, running stats untouched
+        mean = torch.zeros(num_features, dtype=stat, device=x.device)
+        invstd = torch.zeros_like(mean)
+    else:
+        var, mean = torch.var_mean(xs, dim=_reduce_dims(x.ndim), correction=0)
+        var_unbiased = var * (count / (count - 1))
+        invstd = torch.rsqrt((var_unbiased if unbiased else var) + eps)
+        if running_mean is not None:
+            running_mean.copy_(running_mean.to(stat) * (1 - momentum) + mean * momentum)
+            running_var.copy_(running_var.to(stat) * (1 - momentum) + var_unbiased * momentum)
+    scale = invstd if weight is None else invstd * weight.to(stat)
+    out = (xs - _channel_view(mean, x.ndim)) * _channel_view(scale, x.ndim)  # gamma * xhat
+    if bias is not None:
+        out = out + _channel_view(bias.to(stat), x.ndim)
+    if activation == "tanh":
+        out = torch.tanh(out)
+    elif activation == "relu":
+        out = torch.relu(out)
+    return out.to(x.dtype), mean, invstd
+
+
+def backward_torch(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    training: bool,
+    unbiased: bool,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, x (and y when activation is set): (N, C) or (N, C, L) -> (dx like x, dgamma (C,), dbeta (C,)).
+
+    dgamma and dbeta come back in the statistics dtype; the caller casts them to weight/bias's dtype.
+    """
+    stat = mean.dtype
+    dims = _reduce_dims(x.ndim)
+    count = x.numel() // max(x.shape[1], 1)
+    if count == 0:  # empty batch: empty dx, zero dgamma and dbeta (as PyTorch)
+        return torch.empty_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
+    g = _activation_grad(dy.to(stat), y, activation)
+    xhat = (x.to(stat) - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
+    sum_g = g.sum(dims)  # = dbeta
+    sum_g_xhat = (g * xhat).sum(dims)  # = dgamma
+    scale = invstd if weight is None else invstd * weight.to(stat)
+    if training:
+        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) when normalised with var_unbiased
+        k = count / (count - 1) if unbiased else 1.0
+        mean_g = _channel_view(sum_g / count, x.ndim)
+        mean_g_xhat = _channel_view(sum_g_xhat * (k / count), x.ndim)
+        dx = _channel_view(scale, x.ndim) * (g - mean_g - xhat * mean_g_xhat)
+    else:
+        dx = g * _channel_view(scale, x.ndim)  # running stats are constants: dx = g * gamma * invstd_running
+    return dx.to(x.dtype), sum_g_xhat, sum_g
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd Function
+# ----------------------------------------------------------------------------------------------------
+class BatchNormFunction(torch.autograd.Function):
+    """y = activation(gamma * xhat + beta); backward is the closed form in the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float | torch.Tensor,
+        eps: float,
+        training: bool,
+        unbiased: bool,
+        activation: str | None,
+        triton: bool,
+    ) -> torch.Tensor:
+        if triton:
+            from fused_ops.kernels import batch_norm as kernels
+
+            forward = kernels.batch_norm_forward
+        else:
+            forward = forward_torch
+        y, mean, invstd = forward(input, weight, bias, running_mean, running_var, momentum, eps, training, unbiased,
+                                  activation)
+        # Saved: x (for xhat), gamma, the statistics' mean and invstd (C values each, fp32; fp64 for fp64
+        # input; the running stats' in eval mode) and, with an activation, the output y for its derivative.
+        ctx.save_for_backward(input, weight, mean, invstd, y if activation is not None else None)
+        ctx.config = (training, unbiased, activation, triton)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable  # double backward raises "trying to differentiate twice a function ... @once_differentiable"
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, mean, invstd, y = ctx.saved_tensors
+        training, unbiased, activation, triton = ctx.config
+        if triton:
+            from fused_ops.kernels import batch_norm as kernels
+
+            backward = kernels.batch_norm_backward
+        else:
+            backward = backward_torch
+        dx, dweight, dbias = backward(dy, x, y, weight, mean, invstd, training, unbiased, activation)
+        needs_dx, needs_dweight, needs_dbias = ctx.needs_input_grad[:3]
+        dx = dx if needs_dx else None
+        dweight = dweight.to(weight.dtype) if needs_dweight else None
+        dbias = dbias.to(ctx.bias_dtype) if needs_dbias else None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _use_triton_kernels(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """The dispatch decision, `use_triton`. The kernels take fp16/bf16/fp32 input: float64 stays on the
+    PyTorch path under "auto" and is an error when "triton" is forced."""
+    triton = use_triton("batch_norm", input, *tensors)
+    if not triton or input.dtype != torch.float64:
+        return triton
+    if requested_backend() == "triton":
+        raise BackendUnavailableError(
+            "batch_norm: the Triton kernels take fp16/bf16/fp32 input, got float64; use backend 'torch' or 'auto'"
+        )
+    return False
+
+
+def _batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | torch.Tensor,
+    eps: float,
+    unbiased: bool,
+    activation: str | None,
+) -> torch.Tensor:
+    """`batch_norm` after `_check_args`: picks the backend once and applies the Function."""
+    momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
+    triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, momentum_tensor)
+    return BatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, momentum, float(eps), training, unbiased, activation, triton
+    )
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | torch.Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    unbiased: bool = False,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """BatchNorm as `torch.nn.functional.batch_norm`, plus an unbiased-variance mode and a fused activation.
+
+    input: (N, C) or (N, C, L); running_mean, running_var, weight, bias: (C,) or None. Returns y like input.
+
+    training=True normalises with the batch mean and biased variance (the N-1 variance with
+    unbiased=True, as the backprop-ninja notebook does) and, when running stats are given, updates them
+    in place with the unbiased variance. training=False uses the running stats. `momentum` may be a
+    0-dim tensor (e.g. 1 / num_batches_tracked for a cumulative average) so that it stays on device.
+    activation: None, "tanh" or "relu", applied after the affine in the same kernel.
+    fp16/bf16 input keeps fp32 statistics; weight, bias and running stats may be fp32 beside it.
+    """
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------
+class BatchNorm1d(nn.BatchNorm1d):
+    """Drop-in `torch.nn.BatchNorm1d` (same arguments, state_dict and train/eval behaviour) on fused ops.
+
+    input: (N, C) or (N, C, L). Extra keywords: `unbiased=True` normalises with the N-1 variance;
+    `activation="tanh"|"relu"` applies the activation in the same kernel. momentum=None (cumulative
+    average) computes 1 / num_batches_tracked on device, with no host sync.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        unbiased: bool = False,
+        activation: str | None = None,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"BatchNorm1d: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(unbiased, bool):
+            raise TypeError(f"BatchNorm1d: unbiased must be a bool, got {type(unbiased).__name__}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.unbiased = unbiased
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Same rules as torch's _BatchNorm.forward: batch statistics in training, or in eval when no
+        # running stats are kept; running stats updated only in training with track_running_stats.
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        _check_args(input, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
+                    self.unbiased, self.activation)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
+                dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+                momentum = self.num_batches_tracked.to(dtype).reciprocal()
+        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
+                           self.unbiased, self.activation)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        if self.unbiased:
+            extra += ", unbiased=True"
+        if self.activation is not None:
+            extra += f", activation={self.activation!r}"
+        return extra

@@ -1,0 +1,235 @@
+"""Vocab-parallel cross-entropy: logits sharded along the class dimension across a process group.
+
+Shapes: logits_shard (N, C_r), (N, C_r, d1, ..., dK) or (C_r,) on rank r, holding the classes
+[offset_r, offset_r + C_r) of C = sum_r C_r; the slices are contiguous, in rank order, and may be
+uneven (C_r = 0 included). target (N,), (N, d1, ..., dK) or (): class indices in [0, C), the same on
+every rank. weight: None or this rank's slice (C_r,) of the class weights, cut like the logits.
+The loss comes back on every rank and equals F.cross_entropy on the full logits; each rank's
+gradient is its slice of the full gradient.
+
+Collectives per forward (backward has none):
+    all_gather  the shard widths C_r -> each rank's class offset and C, on device (no host sync);
+    all_reduce MAX of the row maxima -> m;
+    all_reduce SUM of the stacked per-row sum(exp(z - m)), the target logit z_y and weight w_y (only
+        the rank owning y contributes them) and, with label smoothing, sum_c w_c z_c and sum_c w_c.
+
+Per row, with q_c = (1 - eps) * w_y * [c = y] + eps / C * w_c (w = 1 without weights):
+    loss = sum_c q_c * (lse - z_c) = (1 - eps) * w_y * (lse - z_y) + eps / C * (sum_c w_c * lse - sum_c w_c z_c)
+    dz_c = (softmax_c * sum(q) - q_c) * scale,  sum(q) = (1 - eps) * w_y + eps / C * sum_c w_c
+scale = grad_output, divided by sum of w_y over the non-ignored rows for reduction="mean"; 0 on
+ignored rows. These are F.cross_entropy's semantics, label smoothing with weights included.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from fused_ops.distributed import all_gather_stacked, all_reduce_max, all_reduce_sum, is_distributed, rank
+
+REDUCTIONS = ("none", "mean", "sum")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_args(
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> None:
+    """Raise a clear error naming the bad argument; checks types, shapes and devices, never values."""
+    name = "vocab_parallel_cross_entropy"
+    if not isinstance(logits_shard, torch.Tensor):
+        raise TypeError(f"{name}: logits_shard must be a torch.Tensor, got {type(logits_shard).__name__}")
+    if logits_shard.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: logits_shard must be a floating-point tensor, got {logits_shard.dtype}")
+    if logits_shard.ndim == 0:
+        raise ValueError(f"{name}: logits_shard must be (C_r,), (N, C_r) or (N, C_r, d1, ...), got a 0-D tensor")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(
+            f"{name}: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
+            f"class-probability targets are not supported with sharded logits"
+        )
+    expected = logits_shard.shape[:1] + logits_shard.shape[2:] if logits_shard.ndim > 1 else torch.Size([])
+    if target.shape != expected:
+        raise ValueError(
+            f"{name}: target must have shape {tuple(expected)} for logits_shard of shape "
+            f"{tuple(logits_shard.shape)}, got {tuple(target.shape)}"
+        )
+    if target.device != logits_shard.device:
+        raise ValueError(f"{name}: target is on {target.device} but logits_shard is on {logits_shard.device}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"{name}: weight must be a floating-point torch.Tensor or None")
+        width = logits_shard.shape[0] if logits_shard.ndim == 1 else logits_shard.shape[1]
+        if weight.shape != (width,):
+            raise ValueError(
+                f"{name}: weight must be this rank's slice of the class weights, shape ({width},) like "
+                f"logits_shard's class dimension, got {tuple(weight.shape)}"
+            )
+        if weight.device != logits_shard.device:
+            raise ValueError(f"{name}: weight is on {weight.device} but logits_shard is on {logits_shard.device}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: weight requires grad, but its gradient is not computed; pass weight.detach()")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
+        raise TypeError(f"{name}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _class_offset(width: int, device: torch.device, process_group, distributed: bool):
+    """This rank's first class and the total class count C, as 0-dim int64 tensors (one all_gather)."""
+    widths = torch.full((1,), width, dtype=torch.int64, device=device)  # a fill, not a host-to-device copy
+    if distributed:
+        widths = all_gather_stacked(widths, process_group).view(-1)  # (W,): C_r of every rank
+    return widths[: rank(process_group) if distributed else 0].sum(), widths.sum()
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """logits_shard (M, C_r), target (M,) int64 -> loss (M,) for "none", else a scalar."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits_shard: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        process_group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        distributed = is_distributed(process_group)
+        acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+        z = logits_shard.to(acc)
+        rows, width = z.shape
+        offset, num_classes = _class_offset(width, z.device, process_group, distributed)
+
+        valid = target != ignore_index
+        out_of_range = valid & ((target < 0) | (target >= num_classes))
+        # As fused_ops.cross_entropy: raise on CPU (free there; every rank raises alike, as the target is
+        # replicated); on other devices an out-of-range row gets a nan loss and gradient, with no host sync.
+        if target.device.type == "cpu" and out_of_range.any():
+            raise IndexError(
+                f"vocab_parallel_cross_entropy: target holds {int(target[out_of_range][0])}, outside "
+                f"[0, {int(num_classes)}) and not ignore_index={ignore_index}"
+            )
+        local_target = target - offset
+        owned = valid & (local_target >= 0) & (local_target < width)  # this rank holds z_y
+        local_index = torch.where(owned, local_target, 0).unsqueeze(1)  # (M, 1), in range when width > 0
+
+        # log-sum-exp over the group: lse = m + log(sum_c exp(z_c - m)), m the global row maximum.
+        row_max = z.amax(1) if width > 0 else z.new_full((rows,), float("-inf"))
+        m = all_reduce_max(row_max, process_group) if distributed else row_max
+        w = None if weight is None else weight.to(acc)
+        # Rows of the SUM collective, (M,) each: sum_c exp(z_c - m), z_y, [w_y], [sum_c w_c z_c, [sum_c w_c]].
+        sums = {"sum_exp": torch.exp(z - m.unsqueeze(1)).sum(1)}
+        zeros = z.new_zeros(rows)
+        sums["z_y"] = torch.where(owned, z.gather(1, local_index).squeeze(1), 0.0) if width > 0 else zeros
+        if w is not None:
+            sums["w_y"] = torch.where(owned, w[local_index.squeeze(1)], 0.0) if width > 0 else zeros
+        if label_smoothing > 0:
+            sums["sum_wz"] = (z if w is None else z * w).sum(1)
+            if w is not None:
+                sums["sum_w"] = w.sum().expand(rows)  # a scalar, repeated per row to share the one collective
+        stacked = torch.stack(list(sums.values()))  # (k, M)
+        if distributed:
+            stacked = all_reduce_sum(stacked, process_group)
+        sums = dict(zip(sums, stacked))
+        lse = m + torch.log(sums["sum_exp"])
+        w_y = sums["w_y"] if w is not None else valid.to(acc)
+
+        eps = float(label_smoothing)
+        # loss = (1 - eps) * w_y * (lse - z_y) + eps / C * (sum_c w_c * lse - sum_c w_c z_c)
+        loss = (1 - eps) * w_y * (lse - sums["z_y"])
+        sum_w = None
+        if eps > 0:
+            sum_w = sums["sum_w"] if w is not None else num_classes.to(acc)
+            loss = loss + eps / num_classes.to(acc) * (sum_w * lse - sums["sum_wz"])
+        loss = torch.where(valid, loss, 0.0).masked_fill(out_of_range, float("nan"))
+
+        if reduction == "none":
+            result = loss
+            denominator = None
+        elif reduction == "sum":
+            result = loss.sum()
+            denominator = None
+        else:  # mean: divided by the summed target weights of the non-ignored rows (0/0 = nan if none)
+            denominator = w_y.sum()
+            result = loss.sum() / denominator
+
+        # Saved: the logits shard (the only (M, C_r) tensor), and per row lse, w_y and the target.
+        ctx.save_for_backward(logits_shard, target, weight, lse, w_y, offset, num_classes, sum_w, denominator)
+        ctx.config = (ignore_index, reduction, eps)
+        return result.to(logits_shard.dtype)
+
+    @staticmethod
+    @once_differentiable  # double backward raises rather than differentiating the closed form wrongly
+    def backward(ctx, grad_output: torch.Tensor):
+        logits_shard, target, weight, lse, w_y, offset, num_classes, sum_w, denominator = ctx.saved_tensors
+        ignore_index, reduction, eps = ctx.config
+        z = logits_shard.to(lse.dtype)
+        width = z.shape[1]
+        valid = target != ignore_index
+        grad = grad_output.to(lse.dtype)
+        scale = grad / denominator if reduction == "mean" else grad.expand_as(lse)
+        scale = torch.where(valid, scale, 0.0)  # ignored rows get no gradient
+        scale = scale.masked_fill(valid & ((target < 0) | (target >= num_classes)), float("nan"))
+
+        # dz_c = (softmax_c * sum(q) - q_c) * scale, q_c = (1 - eps) * w_y * [c = y] + eps / C * w_c
+        sum_q = (1 - eps) * w_y
+        if eps > 0:
+            sum_q = sum_q + eps / num_classes.to(lse.dtype) * sum_w
+        dz = torch.exp(z - lse.unsqueeze(1)) * (sum_q * scale).unsqueeze(1)
+        if eps > 0:
+            w_smooth = 1.0 if weight is None else weight.to(lse.dtype)
+            dz = dz - (eps / num_classes.to(lse.dtype) * scale).unsqueeze(1) * w_smooth
+        if width > 0:
+            local_target = target - offset
+            owned = valid & (local_target >= 0) & (local_target < width)
+            local_index = torch.where(owned, local_target, 0).unsqueeze(1)
+            onehot_term = torch.where(owned, (1 - eps) * w_y * scale, 0.0).unsqueeze(1)
+            dz = dz.scatter_add(1, local_index, -onehot_term)
+        return dz.to(logits_shard.dtype), None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    process_group: dist.ProcessGroup | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """F.cross_entropy over logits sharded along the class dimension (dim 1) across `process_group`.
+
+    logits_shard: (N, C_r), (N, C_r, d1, ..., dK) or (C_r,): this rank's contiguous slice of the classes,
+    in rank order; slices may be uneven. target: (N,), (N, d1, ..., dK) or (), int64/int32/uint8 class indices in
+    [0, C), replicated on every rank. weight: this rank's (C_r,) slice of the class weights, or None.
+    process_group: None for the default group; without an initialised group, or with one rank, this is
+    plain cross-entropy and runs no collective. Returns the loss on every rank, in logits_shard's dtype:
+    (N, d1, ..., dK) for reduction="none", else a scalar. Each rank then receives its slice of the gradient.
+    Every rank of the group must call it (and backward) together, with the same target.
+    """
+    _check_args(logits_shard, target, weight, ignore_index, reduction, label_smoothing)
+    unbatched = logits_shard.ndim == 1
+    logits = logits_shard.unsqueeze(0) if unbatched else logits_shard
+    # (N, C_r, d1, ..., dK) -> (M, C_r) rows with M = N * d1 * ... * dK; autograd maps the gradient back.
+    rows = logits.movedim(1, -1).reshape(target.numel(), logits.shape[1])  # explicit M: C_r may be 0
+    loss = VocabParallelCrossEntropyFunction.apply(
+        rows, target.reshape(-1).long(), weight, int(ignore_index), reduction, float(label_smoothing), process_group
+    )
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    return loss

@@ -1,0 +1,168 @@
+"""One rank of a gloo group for tests/test_distributed.py (a script, not collected by pytest).
+
+    python tests/dist_worker.py RANK WORLD_SIZE PORT WORKDIR
+
+Joins a gloo group on tcp://127.0.0.1:PORT, runs every case of WORKDIR/cases.pt in order on this
+rank's share of the inputs (on the ranks of its subgroup, if it names one), and saves what it
+observed to WORKDIR/rank<RANK>.pt. All checks happen in the test process, against single-process references on the full inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import sys
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fused_ops.convert import convert
+from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm
+from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
+
+COLLECTIVES = ("all_gather", "all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count the torch.distributed collectives called inside the block (by name)."""
+    counts = Counter()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def rows_of(counts: list[int], rank: int) -> slice:
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def run_batch_norm(case: dict, rank: int, world_size: int, group) -> dict:
+    """Train steps on this rank's rows of each global batch, then an eval step; record everything."""
+    bn = SyncBatchNorm(**case["module"], dtype=case["dtype"], process_group=group)
+    bn.load_state_dict(case["state"])
+    observed = {"train": [], "eval": None}
+    for x_full, dy_full, counts in case["steps"]:
+        x = x_full[rows_of(counts, rank)].clone().requires_grad_()
+        with count_collectives() as forward_calls:
+            y = bn(x)
+        with count_collectives() as backward_calls:
+            y.backward(dy_full[rows_of(counts, rank)])
+        observed["train"].append({
+            "y": y.detach(), "dx": x.grad,
+            "dweight": None if bn.weight is None else bn.weight.grad.clone(),
+            "dbias": None if bn.bias is None else bn.bias.grad.clone(),
+            "state": {k: v.clone() for k, v in bn.state_dict().items()},
+            "forward_calls": dict(forward_calls), "backward_calls": dict(backward_calls),
+        })
+        bn.zero_grad(set_to_none=True)
+    bn.eval()
+    x_full, dy_full, counts = case["eval"]
+    x = x_full[rows_of(counts, rank)].clone().requires_grad_()
+    with count_collectives() as calls:
+        y = bn(x)
+        y.backward(dy_full[rows_of(counts, rank)])
+    observed["eval"] = {"y": y.detach(), "dx": x.grad, "calls": dict(calls),
+                        "state": {k: v.clone() for k, v in bn.state_dict().items()}}
+    return observed
+
+
+def run_bad_input(case: dict, rank: int, world_size: int, group) -> dict:
+    """A bad input raises before any collective and leaves the state intact; the group then carries on."""
+    bn = SyncBatchNorm(**case["module"], process_group=group)
+    bn.load_state_dict(case["state"])
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    errors = []
+    with count_collectives() as calls:
+        for bad in case["bad_inputs"]:
+            try:
+                bn(bad)
+            except (TypeError, ValueError) as error:
+                errors.append(f"{type(error).__name__}: {error}")
+    unchanged = all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+    good = bn(case["good_input"][rows_of(case["counts"], rank)])  # would hang if the ranks fell out of step
+    return {"errors": errors, "calls": dict(calls), "unchanged": unchanged, "good": good.detach()}
+
+
+def run_cross_entropy(case: dict, rank: int, world_size: int, group) -> dict:
+    """Each option on this rank's class slice: loss and the gradient slice, plus collective counts."""
+    width = case["widths"][rank]
+    offset = sum(case["widths"][:rank])
+    observed = []
+    for option in case["options"]:
+        logits = case["logits"].narrow(1, offset, width).clone().requires_grad_()
+        weight = None if option["weight"] is None else option["weight"][offset : offset + width]
+        with count_collectives() as forward_calls:
+            loss = vocab_parallel_cross_entropy(
+                logits, option.get("target", case["target"]), group, weight=weight,
+                ignore_index=option["ignore_index"], reduction=option["reduction"],
+                label_smoothing=option["label_smoothing"],
+            )
+        with count_collectives() as backward_calls:
+            loss.backward(option["grad"])
+        observed.append({"loss": loss.detach(), "dlogits": logits.grad,
+                         "forward_calls": dict(forward_calls), "backward_calls": dict(backward_calls)})
+    return observed
+
+
+def run_ddp_step(case: dict, rank: int, world_size: int, group) -> dict:
+    """One DDP step of Linear -> BatchNorm1d -> Tanh -> Linear, converted to fused ops with SyncBatchNorm,
+    on the mean loss of the global batch."""
+    model = nn.Sequential(nn.Linear(*case["sizes"][:2]), nn.BatchNorm1d(case["sizes"][1]), nn.Tanh(),
+                          nn.Linear(*case["sizes"][1:])).to(case["x"].dtype)
+    model.load_state_dict(case["state"])
+    model = convert_sync_batch_norm(convert(model), group)  # BatchNorm1d + Tanh -> SyncBatchNorm(tanh)
+    ddp = DistributedDataParallel(model, process_group=group)
+    rows = rows_of(case["counts"], rank)
+    logits = ddp(case["x"][rows])
+    # DDP averages gradients over the ranks: scale the local sum so the average is the global mean.
+    loss = F.cross_entropy(logits, case["target"][rows], reduction="sum") * (world_size / sum(case["counts"]))
+    loss.backward()
+    return {"grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "modules": [type(m).__name__ for m in model]}
+
+
+RUNNERS = {"batch_norm": run_batch_norm, "bad_input": run_bad_input, "cross_entropy": run_cross_entropy,
+           "ddp_step": run_ddp_step}
+
+
+def main(rank: int, world_size: int, port: int, workdir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        cases = torch.load(f"{workdir}/cases.pt", weights_only=False)
+        # case["group"]: absent -> process_group=None (the default group); "WORLD" -> dist.group.WORLD;
+        # a list of ranks -> a new group of those (every rank creates every group, in the same order).
+        groups = {name: dist.new_group(case["group"]) for name, case in cases.items()
+                  if isinstance(case.get("group"), list)}
+        results = {}
+        for name, case in cases.items():
+            members = case["group"] if name in groups else list(range(world_size))
+            group = groups.get(name, dist.group.WORLD if case.get("group") == "WORLD" else None)
+            if rank in members:
+                results[name] = RUNNERS[case["kind"]](case, members.index(rank), len(members), group)
+        torch.save(results, f"{workdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

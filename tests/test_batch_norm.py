@@ -1,0 +1,447 @@
+"""The PyTorch path of fused_ops.batch_norm / BatchNorm1d against torch's own BatchNorm.
+
+Covers: values and .grad over the option grid in float32, running stats over several steps (momentum
+0.1 and None), eval forward and backward, float64 gradcheck, unbiased=True against the notebook's
+formula, the fused activation, bad input (and that nothing changed), state_dict round trips, fp16/bf16
+against torch's own error, N = 0, and the absence of host syncs.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_ops
+from fused_ops.backend import use_backend
+
+# Shapes: (32, 27) makemore's batch with an odd C; (2, 5) the smallest trainable batch; (5, 3, 7) an
+# (N, C, L) input reduced over N and L; (1, 4, 3) a 3-D input with N = 1 (still 3 values per channel).
+SHAPES = [(32, 27), (2, 5), (5, 3, 7), (1, 4, 3)]
+F32 = dict(atol=1e-5, rtol=1e-4)
+
+
+def make_inputs(shape, dtype=torch.float32, affine=True, running=True, param_dtype=None):
+    """Fresh random input (mean far from 0), params and running stats; returns a dict of leaves."""
+    c = shape[1]
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape) * 2 + 3).to(dtype).requires_grad_()
+    out = dict(x=x, weight=None, bias=None, running_mean=None, running_var=None)
+    if affine:
+        out["weight"] = (torch.rand(c) + 0.5).to(param_dtype).requires_grad_()
+        out["bias"] = torch.randn(c).to(param_dtype).requires_grad_()
+    if running:
+        out["running_mean"] = torch.randn(c).to(param_dtype)
+        out["running_var"] = (torch.rand(c) + 0.5).to(param_dtype)
+    return out
+
+
+def clone_inputs(inputs):
+    return {k: None if v is None else v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+
+
+def run(fn, inputs, training, dy=None, **kwargs):
+    """Forward + backward through `fn` (F.batch_norm-like); returns y and the leaves after backward."""
+    y = fn(inputs["x"], inputs["running_mean"], inputs["running_var"], inputs["weight"], inputs["bias"],
+           training=training, **kwargs)
+    y.backward(dy if dy is not None else torch.ones_like(y))
+    return y
+
+
+def grads(inputs):
+    return {k: v.grad for k, v in inputs.items() if v is not None and v.requires_grad}
+
+
+def assert_same(ours, ref, **tol):
+    for k in ref:
+        if ref[k] is None:
+            assert ours[k] is None, k
+        else:
+            torch.testing.assert_close(ours[k], ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("training,running", [(True, True), (True, False), (False, True)],
+                         ids=["train", "train_no_running", "eval"])
+def test_matches_functional(shape, affine, training, running):
+    ours = make_inputs(shape, affine=affine, running=running)
+    ref = clone_inputs(ours)
+    dy = torch.randn(shape)
+    y = run(fused_ops.batch_norm, ours, training, dy, momentum=0.1, eps=1e-5)
+    y_ref = run(F.batch_norm, ref, training, dy, momentum=0.1, eps=1e-5)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_same(grads(ours), grads(ref), **F32)
+    if running:
+        assert_same({k: ours[k] for k in ("running_mean", "running_var")},
+                    {k: ref[k] for k in ("running_mean", "running_var")}, **F32)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_non_contiguous_input_and_grad(layout):
+    """Column-major or strided-slice input, and a non-contiguous incoming gradient."""
+    data = torch.randn(27, 32) * 2 + 1 if layout == "transposed" else torch.randn(40, 30) * 2 + 1
+    x = data.T if layout == "transposed" else data[::2, 3:20]
+    assert not x.is_contiguous()
+    ours = {**make_inputs(x.shape), "x": x.requires_grad_()}
+    ref = clone_inputs(ours)
+    dy = torch.randn(x.shape[1], x.shape[0]).T
+    y = run(fused_ops.batch_norm, ours, True, dy)
+    y_ref = run(F.batch_norm, ref, True, dy)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_same(grads(ours), grads(ref), **F32)
+    torch.testing.assert_close(ours["running_var"], ref["running_var"], **F32)
+
+
+def test_constant_columns():
+    """var = 0: invstd = 1/sqrt(eps), xhat = 0; gradients stay finite and match torch."""
+    x = torch.randn(16, 6)
+    x[:, 2] = 4.0
+    x[:, 5] = -1.5
+    ours = dict(x=x.clone().requires_grad_(), weight=torch.rand(6).requires_grad_(), bias=torch.randn(6).requires_grad_(),
+                running_mean=torch.zeros(6), running_var=torch.ones(6))
+    ref = clone_inputs(ours)
+    dy = torch.randn(16, 6)
+    y = run(fused_ops.batch_norm, ours, True, dy)
+    y_ref = run(F.batch_norm, ref, True, dy)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_same(grads(ours), grads(ref), **F32)
+    assert torch.isfinite(ours["x"].grad).all()
+
+
+def test_momentum_tensor_equals_float():
+    x = torch.randn(8, 5)
+    rm1, rv1, rm2, rv2 = torch.zeros(5), torch.ones(5), torch.zeros(5), torch.ones(5)
+    fused_ops.batch_norm(x, rm1, rv1, training=True, momentum=0.3)
+    fused_ops.batch_norm(x, rm2, rv2, training=True, momentum=torch.tensor(0.3))
+    torch.testing.assert_close(rm1, rm2)
+    torch.testing.assert_close(rv1, rv2)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3), (3, 4, 0)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_input_matches_torch(shape, training):
+    """PyTorch: empty output, running stats untouched, zero dweight/dbias; the module still counts the batch."""
+    ours = make_inputs(shape)
+    ref = clone_inputs(ours)
+    y = run(fused_ops.batch_norm, ours, training)
+    y_ref = run(F.batch_norm, ref, training)
+    assert y.shape == y_ref.shape == shape
+    assert_same(grads(ours), grads(ref))
+    torch.testing.assert_close(ours["running_mean"], ref["running_mean"])
+    torch.testing.assert_close(ours["running_var"], ref["running_var"])
+    m, m_ref = fused_ops.BatchNorm1d(4), nn.BatchNorm1d(4)
+    m(torch.randn(shape)), m_ref(torch.randn(shape))
+    assert_same(m.state_dict(), m_ref.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module: running stats over several steps, eval forward and backward
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+@pytest.mark.parametrize("shape", [(32, 27), (4, 6, 5)], ids=str)
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)],
+                         ids=["affine", "no_affine", "no_tracking"])
+def test_module_steps_then_eval(momentum, shape, affine, track):
+    c = shape[1]
+    ours = fused_ops.BatchNorm1d(c, momentum=momentum, affine=affine, track_running_stats=track)
+    ref = nn.BatchNorm1d(c, momentum=momentum, affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    for step in range(4):
+        x = torch.randn(shape) * (step + 1) + step
+        dy = torch.randn(shape)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), ref(x2)
+        y1.backward(dy), y2.backward(dy)
+        torch.testing.assert_close(y1, y2, **F32)
+        torch.testing.assert_close(x1.grad, x2.grad, **F32)
+        assert_same(ours.state_dict(), ref.state_dict(), **F32)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **F32)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **F32)
+    # eval: running stats (or batch stats without tracking) in the forward and in the backward
+    ours.eval(), ref.eval()
+    x = torch.randn(shape) * 2 + 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(shape)
+    y1, y2 = ours(x1), ref(x2)
+    y1.backward(dy), y2.backward(dy)
+    torch.testing.assert_close(y1, y2, **F32)
+    torch.testing.assert_close(x1.grad, x2.grad, **F32)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **F32)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **F32)
+    assert_same(ours.state_dict(), ref.state_dict(), **F32)
+
+
+def test_eval_backward_closed_form():
+    """Eval: dx = dy * gamma / sqrt(running_var + eps), dgamma = sum(dy * xhat_running), dbeta = sum(dy)."""
+    m = fused_ops.BatchNorm1d(7).eval()
+    with torch.no_grad():
+        m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(9, 7, dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(9, 7)
+    m(x).backward(dy)
+    invstd = (m.running_var + m.eps).rsqrt()
+    torch.testing.assert_close(x.grad, dy * m.weight.detach() * invstd, **F32)
+    xhat = (x.detach() - m.running_mean) * invstd
+    torch.testing.assert_close(m.weight.grad, (dy * xhat).sum(0), **F32)
+    torch.testing.assert_close(m.bias.grad, dy.sum(0), **F32)
+
+
+def test_eval_with_track_running_stats_false_uses_batch_stats():
+    ours, ref = fused_ops.BatchNorm1d(5, track_running_stats=False).eval(), nn.BatchNorm1d(5, track_running_stats=False).eval()
+    x = torch.randn(10, 5) * 3
+    torch.testing.assert_close(ours(x), ref(x), **F32)
+
+
+def test_momentum_none_has_no_host_sync():
+    """A cumulative-average module step under a mode that fails on any tensor -> Python scalar read."""
+
+    class NoHostSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                raise AssertionError("host sync: a tensor value was read into Python")
+            return func(*args, **(kwargs or {}))
+
+    m = fused_ops.BatchNorm1d(6, momentum=None, activation="tanh")
+    x = torch.randn(8, 6, requires_grad=True)
+    with NoHostSync():
+        for _ in range(2):
+            m(x).sum().backward()
+    # the mode does catch a sync, so the check above can fail
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        torch.ones(()).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# float64 gradcheck and the notebook's unbiased formula
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4)], ids=str)
+@pytest.mark.parametrize("training,unbiased", [(True, False), (True, True), (False, False)],
+                         ids=["train", "train_unbiased", "eval"])
+@pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+def test_gradcheck_float64(shape, training, unbiased, activation):
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):  # fresh running stats each call: training mode updates them in place
+        return fused_ops.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                    unbiased=unbiased, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def notebook_batch_norm(hprebn, bngain, bnbias):
+    """The seed notebook's forward, verbatim in spirit: normalised with the 1/(n-1) variance."""
+    n = hprebn.shape[0]
+    bnmeani = 1 / n * hprebn.sum(0, keepdim=True)
+    bndiff = hprebn - bnmeani
+    bndiff2 = bndiff**2
+    bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)
+    bnvar_inv = (bnvar + 1e-5) ** -0.5
+    bnraw = bndiff * bnvar_inv
+    return bngain * bnraw + bnbias
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(atol=1e-12, rtol=1e-10)), (torch.float32, F32)], ids=str)
+def test_unbiased_matches_notebook(dtype, tol):
+    x64 = torch.randn(32, 64, dtype=torch.float64) * 2 + 1
+    w64, b64 = torch.randn(64, dtype=torch.float64) * 0.1 + 1, torch.randn(64, dtype=torch.float64) * 0.1
+    dy = torch.randn(32, 64, dtype=torch.float64)
+    ref_leaves = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+    notebook_batch_norm(ref_leaves[0], ref_leaves[1], ref_leaves[2]).backward(dy)
+    ours = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+    y = fused_ops.batch_norm(ours[0], None, None, ours[1], ours[2], training=True, unbiased=True)
+    y.backward(dy.to(dtype))
+    torch.testing.assert_close(y.double(), notebook_batch_norm(x64, w64, b64), **tol)
+    for got, exp in zip(ours, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), exp.grad, **tol)
+
+
+def test_unbiased_running_var_and_module():
+    m = fused_ops.BatchNorm1d(4, unbiased=True, momentum=1.0)
+    x = torch.randn(6, 4)
+    y = m(x)
+    torch.testing.assert_close(m.running_var, x.var(0, unbiased=True))
+    torch.testing.assert_close(y, (x - x.mean(0)) / (x.var(0, unbiased=True) + 1e-5).sqrt(), **F32)
+
+
+def test_double_backward_raises():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = fused_ops.batch_norm(x, None, None, training=True)
+    (g,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused activation
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation,torch_fn", [("tanh", torch.tanh), ("relu", torch.relu)])
+@pytest.mark.parametrize("shape", [(32, 27), (4, 3, 5)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_activation_matches_unfused(activation, torch_fn, shape, training):
+    ours = make_inputs(shape)
+    ref = clone_inputs(ours)
+    dy = torch.randn(shape)
+    y = run(fused_ops.batch_norm, ours, training, dy, activation=activation)
+    y_ref = torch_fn(F.batch_norm(ref["x"], ref["running_mean"], ref["running_var"], ref["weight"], ref["bias"],
+                                  training=training))
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, **F32)
+    assert_same(grads(ours), grads(ref), **F32)
+    torch.testing.assert_close(ours["running_var"], ref["running_var"], **F32)
+
+
+def test_activation_module():
+    m = fused_ops.BatchNorm1d(5, activation="relu")
+    ref = nn.Sequential(nn.BatchNorm1d(5), nn.ReLU())
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(m(x), ref(x), **F32)
+    assert "activation='relu'" in repr(m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Low precision: fp32 statistics; error no worse than twice torch's own in the same dtype
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)], ids=str)
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_low_precision_against_torch_error(dtype, atol, param_dtype, training):
+    shape = (64, 40)
+    pdtype = dtype if param_dtype == "same" else torch.float32
+    base = make_inputs(shape, dtype=torch.float32)
+    # the same (rounded) values in every run: quantise the input and params to their dtypes first
+    with torch.no_grad():
+        base["x"].copy_(base["x"].to(dtype))
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            base[k].copy_(base[k].to(pdtype))
+    dy = torch.randn(shape).to(dtype)
+
+    def cast(inputs, xd, pd):
+        return {k: v.detach().to(xd if k == "x" else pd).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+
+    ref = cast(base, torch.float32, torch.float32)
+    y_ref = run(F.batch_norm, ref, training, dy.float())
+    ours = cast(base, dtype, pdtype)
+    y = run(fused_ops.batch_norm, ours, training, dy)
+    theirs = cast(base, dtype, pdtype if dtype == torch.bfloat16 or pdtype == dtype else dtype)
+    y_torch = run(F.batch_norm, theirs, training, dy)
+    assert y.dtype == dtype and ours["x"].grad.dtype == dtype and ours["weight"].grad.dtype == pdtype
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    pairs = [(y, y_torch, y_ref)] + [(ours[k].grad, theirs[k].grad, ref[k].grad) for k in ("x", "weight", "bias")]
+    pairs += [(ours[k], theirs[k], ref[k]) for k in ("running_mean", "running_var")]
+    for got, torch_got, exp in pairs:
+        scale = exp.abs().max().item() + 1
+        assert err(got, exp) <= 2 * err(torch_got, exp) + atol * scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, and nothing changed
+# ----------------------------------------------------------------------------------------------------
+def _bad_cases():
+    x = torch.randn(8, 4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    w, b = torch.ones(4), torch.zeros(4)
+    meta = torch.device("meta")
+    return {
+        "one value per channel": (dict(input=torch.randn(1, 4)), ValueError, "more than 1 value per channel"),
+        "one value per channel 3d": (dict(input=torch.randn(1, 4, 1)), ValueError, "more than 1 value per channel"),
+        "running_mean shape": (dict(running_mean=torch.zeros(5)), ValueError, "running_mean"),
+        "running_var shape": (dict(running_var=torch.ones(4, 1)), ValueError, "running_var"),
+        "running_mean dtype": (dict(running_mean=torch.zeros(4, dtype=torch.float64)), TypeError, "running_mean"),
+        "running_var dtype": (dict(running_var=torch.ones(4, dtype=torch.float16)), TypeError, "running_var"),
+        "running stats half None": (dict(running_var=None), ValueError, "running_mean and running_var"),
+        "eval without running stats": (dict(running_mean=None, running_var=None, training=False), ValueError,
+                                       "running_mean"),
+        "ndim 1": (dict(input=torch.randn(4)), ValueError, "input"),
+        "ndim 4": (dict(input=torch.randn(2, 4, 3, 3)), ValueError, "input"),
+        "weight shape": (dict(weight=torch.ones(3)), ValueError, "weight"),
+        "bias shape": (dict(bias=torch.zeros(4, 1)), ValueError, "bias"),
+        "weight dtype": (dict(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight"),
+        "non-float input": (dict(input=torch.randint(0, 5, (8, 4))), TypeError, "input"),
+        "bool input": (dict(input=torch.ones(8, 4, dtype=torch.bool)), TypeError, "input"),
+        "weight device": (dict(weight=torch.ones(4, device=meta)), ValueError, "weight"),
+        "running_mean device": (dict(running_mean=torch.zeros(4, device=meta)), ValueError, "running_mean"),
+        "momentum device": (dict(momentum=torch.tensor(0.1, device=meta)), ValueError, "momentum"),
+        "momentum shape": (dict(momentum=torch.tensor([0.1])), TypeError, "momentum"),
+        "momentum None": (dict(momentum=None), TypeError, "momentum"),
+        "unknown activation": (dict(activation="gelu"), ValueError, "activation"),
+        "unbiased not bool": (dict(unbiased="yes"), TypeError, "unbiased"),
+    }, dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True, momentum=0.1)
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()[0]))
+def test_bad_input_raises_and_changes_nothing(case):
+    cases, good = _bad_cases()
+    change, exc, match = cases[case]
+    args = {**good, **change}
+    kwargs = {k: args.pop(k) for k in ("activation", "unbiased") if k in args}
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    with pytest.raises(exc, match=match):
+        fused_ops.batch_norm(**args, **kwargs)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} changed"
+
+
+@pytest.mark.parametrize("bad_input,exc,match", [
+    (torch.randn(1, 4), ValueError, "more than 1 value per channel"),
+    (torch.randn(8, 5), ValueError, "running_mean"),
+    (torch.randn(8, 4, 2, 2), ValueError, "input"),
+    (torch.randint(0, 3, (8, 4)), TypeError, "input"),
+], ids=["one value", "wrong C", "ndim 4", "int input"])
+def test_module_bad_input_keeps_state(bad_input, exc, match):
+    m = fused_ops.BatchNorm1d(4, momentum=None)
+    m(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(exc, match=match):
+        m(bad_input)
+    assert_same(m.state_dict(), before)
+    assert m.num_batches_tracked.item() == 1
+
+
+def test_module_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        fused_ops.BatchNorm1d(4, activation="sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------------
+# state_dict round trips with torch's BatchNorm1d
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(track_running_stats=False), dict(momentum=None)],
+                         ids=["default", "no_affine", "no_tracking", "cumulative"])
+def test_state_dict_round_trips(kwargs, tmp_path):
+    torch_model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
+    fused_model = nn.Sequential(nn.Linear(3, 6), fused_ops.BatchNorm1d(6, **kwargs))
+    for _ in range(3):
+        torch_model(torch.randn(10, 3))
+    path = tmp_path / "torch.pt"
+    torch.save(torch_model.state_dict(), path)
+    fused_model.load_state_dict(torch.load(path))
+    assert list(fused_model.state_dict()) == list(torch_model.state_dict())
+    assert_same(fused_model.state_dict(), torch_model.state_dict())
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(fused_model.eval()(x), torch_model.eval()(x), **F32)
+    # and back: train the fused one further, load into a fresh torch model
+    fused_model.train()
+    for _ in range(2):
+        fused_model(torch.randn(10, 3))
+    back = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
+    back.load_state_dict(fused_model.state_dict())
+    assert_same(back.state_dict(), fused_model.state_dict())
+

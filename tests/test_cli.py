@@ -1,0 +1,79 @@
+"""Smoke tests of `python -m fused_ops train|parity` and the `fused-ops` console script, in subprocesses."""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fused_ops.__main__ import main
+
+ROWS_PER_REPORT = 13 + 14 + 13  # manual, fused (+ loss), fused with tanh (+ loss, no hpreact)
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_train_writes_json_and_png(tmp_path):
+    json_path, png_path = tmp_path / "run.json", tmp_path / "loss.png"
+    result = run(
+        sys.executable, "-m", "fused_ops", "train", "--steps", "200", "--device", "cpu",
+        "--json", str(json_path), "--plot", str(png_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(json_path.read_text())
+    assert set(report) == {"train_loss", "val_loss", "test_loss", "steps", "seconds", "samples"}
+    assert report["steps"] == 200 and report["seconds"] > 0
+    for split in ("train", "val", "test"):
+        assert 2.0 < report[f"{split}_loss"] < 3.0  # learnt something in 200 steps: log(27) = 3.30
+        assert f"{split} loss {report[f'{split}_loss']:.4f}" in result.stdout
+    assert len(report["samples"]) == 20 and all(isinstance(name, str) for name in report["samples"])
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fused_ops modules" in result.stdout
+
+
+def parse_rows(stdout: str) -> list[list[str]]:
+    rows = [
+        [cell.strip() for cell in line.split("|")] for line in stdout.splitlines() if line.count("|") == 3
+    ]
+    return [row for row in rows if row[0] != "name"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_command(dtype):
+    result = run(sys.executable, "-m", "fused_ops", "parity", "--dtype", dtype)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = parse_rows(result.stdout)
+    assert len(rows) == ROWS_PER_REPORT
+    assert {row[0] for row in rows} >= {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias", "emb", "embcat", "hprebn",
+                                        "hpreact", "h", "logits", "loss"}  # fmt: skip
+    assert all(row[2] == "True" for row in rows)
+    assert all(float(row[3]) < (1e-7 if dtype == "float32" else 1e-15) for row in rows)
+    assert f"OK: all {ROWS_PER_REPORT} rows approximately equal" in result.stdout
+
+
+def test_console_script_is_installed():
+    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fused-ops"]
+    assert entry.value == "fused_ops.__main__:main"
+    script = shutil.which("fused-ops")
+    assert script is not None, "fused-ops is not on PATH: install the package (pip install -e .)"
+    result = run(script, "train", "--help")
+    assert result.returncode == 0 and "--no-fused" in result.stdout
+
+
+def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit, match=r"--plot needs matplotlib.*fused_ops\[plot\]"):
+        main(["train", "--steps", "5", "--plot", os.devnull])
+    assert "makemore MLP" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["train", "--steps", "0"], ["parity", "--dtype", "float16"]])
+def test_bad_arguments_exit_with_an_error(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code != 0

@@ -1,0 +1,119 @@
+"""fused_ops.convert: BatchNorm1d swapped for the fused module, BN + Tanh/ReLU fused inside nn.Sequential."""
+import pytest
+import torch
+from torch import nn
+
+import fused_ops
+from fused_ops.backend import use_backend
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    with use_backend("torch"):
+        yield
+
+
+class Block(nn.Module):
+    """A non-Sequential parent: its BatchNorm1d is converted but nothing is fused."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.bn = nn.BatchNorm1d(width, momentum=None)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.lin(x)))
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(5, 8),
+        nn.BatchNorm1d(8),
+        nn.Tanh(),
+        nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6, affine=False), nn.ReLU()),
+        Block(6),
+        nn.BatchNorm1d(6, track_running_stats=False),
+        nn.Linear(6, 3),
+    )
+
+
+def train_steps(model: nn.Module, batches) -> list[torch.Tensor]:
+    """Forward + backward on each batch; returns outputs and every gradient, in order."""
+    out = []
+    for x in batches:
+        model.zero_grad()
+        y = model(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out += [y.detach()] + [p.grad.clone() for p in model.parameters()]
+    return out
+
+
+def test_convert_nested_model_matches_unconverted():
+    reference = make_model()
+    model = make_model()
+    model.load_state_dict(reference.state_dict())
+    params_before = {name: p for name, p in model.named_parameters()}
+    buffers_before = {name: b for name, b in model.named_buffers()}
+
+    converted = fused_ops.convert(model)
+    assert converted is model
+    assert isinstance(model[1], fused_ops.BatchNorm1d) and model[1].activation == "tanh"
+    assert isinstance(model[2], nn.Identity)
+    assert isinstance(model[3][1], fused_ops.BatchNorm1d) and model[3][1].activation == "relu"
+    assert isinstance(model[3][2], nn.Identity)
+    assert isinstance(model[4].bn, fused_ops.BatchNorm1d) and model[4].bn.activation is None  # not in a Sequential
+    assert isinstance(model[4].act, nn.Tanh)
+    assert isinstance(model[5], fused_ops.BatchNorm1d) and not model[5].track_running_stats
+    assert model[4].bn.momentum is None and model[3][1].affine is False
+
+    # the very same parameter and buffer tensors, under the same names
+    assert {n: p for n, p in model.named_parameters()} == params_before
+    assert all(dict(model.named_buffers())[n] is b for n, b in buffers_before.items())
+    assert list(model.state_dict()) == list(reference.state_dict())
+
+    batches = [torch.randn(16, 5) * 2 + 1 for _ in range(3)]
+    for got, exp in zip(train_steps(model, batches), train_steps(reference, batches)):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+    for (name, b), exp in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, exp, atol=1e-5, rtol=1e-4, msg=name)
+    model.eval(), reference.eval()
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_convert_keeps_flags_requires_grad_and_dtype():
+    bn = nn.BatchNorm1d(4, dtype=torch.float64).eval()
+    bn.weight.requires_grad_(False)
+    fused = fused_ops.convert(bn)  # a root BatchNorm1d is returned converted
+    assert isinstance(fused, fused_ops.BatchNorm1d)
+    assert not fused.training and not fused.weight.requires_grad and fused.bias.requires_grad
+    assert fused.weight is bn.weight and fused.running_var is bn.running_var
+    assert fused.running_mean.dtype == torch.float64 and fused.weight.device == bn.weight.device
+
+
+def test_convert_shared_module_shares_state():
+    """A BatchNorm1d used twice stays one set of parameters and buffers."""
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), bn, nn.Linear(3, 3), bn)
+    fused_ops.convert(model)
+    assert model[1].weight is model[3].weight and model[1].num_batches_tracked is model[3].num_batches_tracked
+    model(torch.randn(6, 3))
+    assert bn.num_batches_tracked.item() == 2
+
+
+def test_convert_is_idempotent_and_fuses_fused_modules():
+    model = nn.Sequential(fused_ops.BatchNorm1d(4, unbiased=True), nn.ReLU(), nn.BatchNorm1d(4), nn.Tanh())
+    fused_ops.convert(model)
+    assert [type(m) for m in model] == [fused_ops.BatchNorm1d, nn.Identity] * 2
+    assert model[0].unbiased and model[0].activation == "relu" and model[2].activation == "tanh"
+    first = list(model)
+    fused_ops.convert(model)
+    assert list(model) == first  # nothing left to convert
+
+
+def test_convert_ignores_other_modules():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.BatchNorm2d(3), nn.ReLU())
+    before = list(model)
+    fused_ops.convert(model)
+    assert list(model) == before

@@ -1,0 +1,504 @@
+"""SyncBatchNorm and vocab-parallel cross-entropy against single-process references.
+
+Multi-process tests start 2 and 3 gloo ranks on 127.0.0.1 (tests/dist_worker.py), once per world
+size for the whole module: every scenario of that world size runs in the one group, and each rank
+saves what it saw. The tests here compare those results with float64 references computed in this
+process on the concatenated batch (or the full logits). Every collective has a 30 s timeout and the
+group as a whole a hard limit, so a bug shows up as a failure, never as a hang.
+
+The single-process tests (no process group) cover the pure helpers and the world-size-1 paths.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_ops
+from fused_ops.batch_norm import BatchNorm1d
+from fused_ops.convert import convert
+from fused_ops.distributed import local_moments, merge_moments, shard_slice, world_size
+from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm, to_sync_batch_norm
+from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+GROUP_TIMEOUT_S = 120  # the whole group, start-up included; the collectives time out after 30 s
+TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4),
+              torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}  # bf16: parameters' grads and state (rounded to bf16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # y and dx judged against torch's own error in the dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running a gloo group
+# ----------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The workers import the very fused_ops this process imported, installed or not.
+    package_root = str(Path(fused_ops.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    if loopback:  # keep gloo's traffic on the loopback interface
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
+    return env
+
+
+def _launch(world: int, workdir: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), str(port), str(workdir)],
+                         env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for rank in range(world)
+    ]
+
+
+def _wait(procs: list[subprocess.Popen]) -> str | None:
+    """Wait for every rank; on the first failure or at the deadline kill the rest. None if all succeeded."""
+    deadline = time.monotonic() + GROUP_TIMEOUT_S
+    while any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.poll() not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.wait()
+    if all(p.returncode == 0 for p in procs):
+        return None
+    logs = [f"--- rank {r} (exit {p.returncode}) ---\n{p.stdout.read().decode(errors='replace')}"
+            for r, p in enumerate(procs)]
+    return "\n".join(logs)
+
+
+def run_group(world: int, cases: dict, workdir: Path) -> list[dict]:
+    """Run `cases` on `world` gloo ranks; returns each rank's observations (retries once on a port clash)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.save(cases, workdir / "cases.pt")
+    for attempt in range(2):
+        failure = _wait(_launch(world, workdir))
+        if failure is None:
+            return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        if "address already in use" not in failure.lower():
+            break
+    pytest.fail(f"the {world}-rank gloo group failed:\n{failure}", pytrace=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenarios and their single-process references
+# ----------------------------------------------------------------------------------------------------
+def _bn_case(gen, dtype, num_features, length, step_counts, eval_counts, **module) -> dict:
+    """A SyncBatchNorm scenario: global batches (x, dy) split into rows per rank, random initial state."""
+    module = dict(dict(momentum=0.1, affine=True, track_running_stats=True, unbiased=False, activation=None),
+                  num_features=num_features, **module)
+    shape = (num_features,) if length is None else (num_features, length)
+
+    def batch(counts):
+        n = sum(counts)
+        x = (torch.randn(n, *shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        return x, torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype), counts
+
+    reference = nn.BatchNorm1d(num_features, momentum=module["momentum"], affine=module["affine"],
+                               track_running_stats=module["track_running_stats"], dtype=dtype)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    for key in ("weight", "bias"):
+        if key in state:
+            state[key] = (torch.rand(num_features, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    if module["track_running_stats"]:
+        state["running_mean"] = torch.randn(num_features, generator=gen, dtype=torch.float64).to(dtype)
+        state["running_var"] = (torch.rand(num_features, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        state["num_batches_tracked"] = torch.tensor(3)
+    return {"kind": "batch_norm", "module": module, "dtype": dtype, "state": state,
+            "steps": [batch(c) for c in step_counts], "eval": batch(eval_counts)}
+
+
+def _rows(counts, rank):
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def _activate(u, activation):
+    return {None: lambda v: v, "tanh": torch.tanh, "relu": torch.relu}[activation](u)
+
+
+def _reference_bn(x, dy, counts, weight, bias, mean, var, eps, activation):
+    """float64 autograd through y = act(gamma * (x - mean) / sqrt(var + eps) + beta); in training mean and
+    var are computed from x (inside the graph). Returns y, dx, [dgamma, dbeta] and each rank's share of them."""
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
+    u = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        u = u * weight.view(shape) + bias.view(shape)
+    y = _activate(u, activation)
+    params = [t for t in (weight, bias) if t is not None]
+    dx, *dparams = torch.autograd.grad(y, [x, *params], dy, retain_graph=True)
+    shares = []
+    for r in range(len(counts)):  # rank r's share: the parameters' gradient through its rows only
+        rows = _rows(counts, r)
+        shares.append(torch.autograd.grad(y[rows], params, dy[rows], retain_graph=True) if params else ())
+    return y, dx, dparams, shares
+
+
+def _torch_batch_norm_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """torch.nn.BatchNorm1d (+ activation) in the case's dtype on each full training batch: (y, dx) per step."""
+    m = case["module"]
+    bn = nn.BatchNorm1d(m["num_features"], momentum=m["momentum"], affine=m["affine"],
+                        track_running_stats=m["track_running_stats"], dtype=case["dtype"])
+    bn.load_state_dict(case["state"])
+    outputs = []
+    for x, dy, _ in case["steps"]:
+        x = x.clone().requires_grad_()
+        y = _activate(bn(x), m["activation"])
+        y.backward(dy)
+        outputs.append((y.detach(), x.grad))
+    return outputs
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, torch_error: float | None) -> None:
+    """float32/64: close to the float64 reference. fp16/bf16: err(ours) <= 2 * err(torch) + atol, both
+    measured against the float64 reference (torch's over the full batch)."""
+    if dtype not in LOW_PRECISION:
+        torch.testing.assert_close(got.double(), expected, **TOLERANCES[dtype])
+        return
+    ours = (got.double() - expected).abs().max().item() if got.numel() else 0.0
+    assert ours <= 2 * torch_error + 1e-3, f"error {ours:.3g} vs torch's {torch_error:.3g} in {dtype}"
+
+
+def check_batch_norm(case: dict, observed: list[dict]) -> None:
+    """Every rank's outputs, gradients and state against float64 single-process BatchNorm on the full batch."""
+    m = case["module"]
+    tol = TOLERANCES[case["dtype"]]
+    torch_steps = _torch_batch_norm_steps(case) if case["dtype"] in LOW_PRECISION else None
+    state = {k: v.double() if v.is_floating_point() else v.clone() for k, v in case["state"].items()}
+    weight = state.get("weight")
+    bias = state.get("bias")
+    for step, (x, dy, counts) in enumerate(case["steps"]):
+        dims = (0,) if x.ndim == 2 else (0, 2)
+        x64 = x.double().requires_grad_()
+        w64 = None if weight is None else weight.clone().requires_grad_()
+        b64 = None if bias is None else bias.clone().requires_grad_()
+        var = x64.var(dims, correction=1 if m["unbiased"] else 0)
+        y, dx, dparams, shares = _reference_bn(x64, dy.double(), counts, w64, b64, x64.mean(dims), var, 1e-5,
+                                               m["activation"])
+        if m["track_running_stats"]:
+            state["num_batches_tracked"] += 1
+            momentum = m["momentum"] if m["momentum"] is not None else 1 / state["num_batches_tracked"].item()
+            state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * x64.detach().mean(dims)
+            unbiased_var = x64.detach().var(dims, correction=1)
+            state["running_var"] = (1 - momentum) * state["running_var"] + momentum * unbiased_var
+        for rank, seen in enumerate(observed):
+            got = seen["train"][step]
+            rows = _rows(counts, rank)
+            errors = [None, None] if torch_steps is None else [
+                (ours.double() - ref).abs().max().item() for ours, ref in zip(torch_steps[step], (y.detach(), dx))]
+            _assert_close(got["y"], y[rows].detach(), case["dtype"], errors[0])
+            _assert_close(got["dx"], dx[rows], case["dtype"], errors[1])
+            if weight is not None:  # this rank's share; DistributedDataParallel sums (averages) them
+                torch.testing.assert_close(got["dweight"].double(), shares[rank][0], **tol)
+                torch.testing.assert_close(got["dbias"].double(), shares[rank][1], **tol)
+            for key, value in state.items():
+                torch.testing.assert_close(got["state"][key].to(value.dtype), value, **tol)
+            # One all_gather forward, one all_reduce backward, and nothing else.
+            assert got["forward_calls"] == {"all_gather": 1}, got["forward_calls"]
+            assert got["backward_calls"] == {"all_reduce": 1}, got["backward_calls"]
+        if weight is not None:
+            summed = [sum(seen["train"][step][k] for seen in observed).double() for k in ("dweight", "dbias")]
+            torch.testing.assert_close(summed[0], dparams[0], **tol)
+            torch.testing.assert_close(summed[1], dparams[1], **tol)
+
+    x, dy, counts = case["eval"]
+    for rank, seen in enumerate(observed):
+        rows = _rows(counts, rank)
+        x64 = x[rows].double().requires_grad_()
+        if m["track_running_stats"]:  # the running stats, no collective
+            mean, var = state["running_mean"], state["running_var"]
+        else:  # no running stats: this rank's own batch statistics, unsynchronised, as torch.nn.SyncBatchNorm
+            dims = (0,) if x.ndim == 2 else (0, 2)
+            mean, var = x64.mean(dims), x64.var(dims, correction=int(m["unbiased"]))
+        params = [None if t is None else t.clone().requires_grad_() for t in (weight, bias)]
+        y, dx, _, _ = _reference_bn(x64, dy[rows].double(), [counts[rank]], *params, mean, var, 1e-5,
+                                    m["activation"])
+        got = seen["eval"]
+        torch.testing.assert_close(got["y"].double(), y.detach(), **tol)
+        torch.testing.assert_close(got["dx"].double(), dx, **tol)
+        assert got["calls"] == {}, f"eval mode ran collectives: {got['calls']}"
+        for key, value in state.items():  # eval leaves the state alone
+            torch.testing.assert_close(got["state"][key].to(value.dtype), value, **tol)
+
+
+def _bad_input_case(gen, world: int) -> dict:
+    bn = nn.BatchNorm1d(4)
+    counts = [3] * world
+    return {"kind": "bad_input", "module": dict(num_features=4), "state": bn.state_dict(), "counts": counts,
+            "bad_inputs": [torch.randn(5, 3, generator=gen), torch.randn(5, 4, dtype=torch.float64, generator=gen),
+                           torch.randint(0, 3, (5, 4), generator=gen), torch.randn(2, 4, 3, 2, generator=gen)],
+            "good_input": torch.randn(sum(counts), 4, generator=gen)}
+
+
+def _ce_case(gen, dtype, widths, n, extra_dims=(), options=None, all_ignored=False) -> dict:
+    """A vocab-parallel scenario: full logits (n, C, *extra_dims) cut into `widths` classes per rank."""
+    num_classes = sum(widths)
+    logits = (torch.randn(n, num_classes, *extra_dims, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, num_classes, (n, *extra_dims), generator=gen)
+    ignored = torch.rand(target.shape, generator=gen) < 0.25
+    target[ignored | torch.tensor(all_ignored)] = -100
+    weight = (torch.rand(num_classes, generator=gen, dtype=torch.float64) + 0.2).to(dtype)
+    if options is None:  # the full grid
+        options = [dict(reduction=r, label_smoothing=s, weight=w, ignore_index=-100)
+                   for r in ("mean", "sum", "none") for s in (0.0, 0.1) for w in (None, weight)]
+        # ignore_index naming a real class (rows of class 2 drop out), with smoothing and weights
+        options.append(dict(reduction="mean", label_smoothing=0.2, weight=weight, ignore_index=2,
+                            target=torch.where(target == -100, 2, target)))
+    for option in options:
+        shape = target.shape if option["reduction"] == "none" else ()
+        option["grad"] = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    return {"kind": "cross_entropy", "widths": widths, "logits": logits, "target": target, "options": options}
+
+
+def check_cross_entropy(case: dict, observed: list[list[dict]]) -> None:
+    """Loss on every rank and each rank's gradient slice against float64 F.cross_entropy on the full logits."""
+    tol = TOLERANCES[case["logits"].dtype]
+    offsets = [sum(case["widths"][:r]) for r in range(len(case["widths"]))]
+    for i, option in enumerate(case["options"]):
+        logits = case["logits"].double().requires_grad_()
+        weight = None if option["weight"] is None else option["weight"].double()
+        loss = F.cross_entropy(logits, option.get("target", case["target"]), weight=weight, ignore_index=option["ignore_index"],
+                               reduction=option["reduction"], label_smoothing=option["label_smoothing"])
+        (dlogits,) = torch.autograd.grad(loss, logits, option["grad"].double())
+        for rank, seen in enumerate(observed):
+            got = seen[i]
+            where = f"option {i} {({k: v for k, v in option.items() if k not in ('grad', 'weight', 'target')})}, rank {rank}"
+            torch.testing.assert_close(got["loss"].double(), loss.detach(), **tol, equal_nan=True, msg=where)
+            expected = dlogits.narrow(1, offsets[rank], case["widths"][rank])
+            torch.testing.assert_close(got["dlogits"].double(), expected, **tol, msg=where)
+            assert got["forward_calls"] == {"all_gather": 1, "all_reduce": 2}, (where, got["forward_calls"])
+            assert got["backward_calls"] == {}, (where, got["backward_calls"])
+
+
+def _mlp(sizes) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(*sizes[:2]), nn.BatchNorm1d(sizes[1]), nn.Tanh(), nn.Linear(*sizes[1:])).double()
+
+
+def _ddp_case(gen, counts) -> dict:
+    sizes = (6, 8, 5)
+    n = sum(counts)
+    return {"kind": "ddp_step", "sizes": sizes, "counts": counts,
+            "state": {k: v.clone() for k, v in _mlp(sizes).state_dict().items()},
+            "x": torch.randn(n, sizes[0], generator=gen, dtype=torch.float64),
+            "target": torch.randint(0, sizes[2], (n,), generator=gen)}
+
+
+def check_ddp_step(case: dict, observed: list[dict]) -> None:
+    """DDP + SyncBatchNorm gradients equal single-process gradients of the global mean loss, on every rank."""
+    model = _mlp(case["sizes"])
+    model.load_state_dict(case["state"])
+    F.cross_entropy(model(case["x"]), case["target"]).backward()
+    for seen in observed:
+        assert seen["modules"] == ["Linear", "SyncBatchNorm", "Identity", "Linear"], seen["modules"]
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(seen["grads"][name], p.grad, **TOLERANCES[torch.float64], msg=name)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(seen["state"][key], value, **TOLERANCES[torch.float64], msg=key)
+
+
+CHECKS = {"batch_norm": check_batch_norm, "cross_entropy": check_cross_entropy, "ddp_step": check_ddp_step}
+
+
+def _scenarios(world: int) -> dict[str, dict]:
+    gen = torch.Generator().manual_seed(1234 + world)
+    f64, f32 = torch.float64, torch.float32
+    if world == 2:
+        return {
+            "bn_2d_uneven": _bn_case(gen, f64, 5, None, [[5, 3], [2, 6]], [3, 4]),
+            "bn_3d_empty_rank_unbiased_tanh_cumulative": _bn_case(
+                gen, f64, 4, 3, [[0, 4], [3, 0], [2, 2]], [0, 3], momentum=None, unbiased=True, activation="tanh"),
+            "bn_fp32_relu_no_affine": _bn_case(gen, f32, 6, None, [[7, 9], [9, 7]], [4, 4], affine=False,
+                                               activation="relu"),
+            "bn_no_running_stats": _bn_case(gen, f64, 3, 2, [[4, 1]], [2, 3], track_running_stats=False),
+            "bn_bf16_3d_tanh": _bn_case(gen, torch.bfloat16, 6, 5, [[6, 10], [9, 0]], [3, 2], activation="tanh"),
+            "bad_input": _bad_input_case(gen, world),
+            # C = 27 (the makemore vocabulary) split 14 + 13
+            "ce_27_uneven": dict(_ce_case(gen, f64, [14, 13], 12), group="WORLD"),  # dist.group.WORLD
+            # (N, C, d): 3 x 10 x 4 logits, 7 + 3 classes
+            "ce_3d": _ce_case(gen, f64, [7, 3], 3, extra_dims=(4,)),
+            # fp32, C = 1001 (odd, not divisible by 2)
+            "ce_fp32_1001": _ce_case(gen, f32, [501, 500], 16),
+            "ce_all_ignored": _ce_case(gen, f64, [4, 5], 6, all_ignored=True, options=[
+                dict(reduction=r, label_smoothing=0.1, weight=None, ignore_index=-100) for r in ("mean", "sum")]),
+            "ddp_step": _ddp_case(gen, [3, 5]),
+        }
+    return {
+        "bn_2d_one_row_per_rank": _bn_case(gen, f64, 3, None, [[1, 1, 1], [4, 0, 2]], [2, 0, 1], unbiased=True,
+                                           activation="relu"),
+        "bn_2d_empty_rank_tanh": _bn_case(gen, f64, 5, None, [[0, 5, 2], [3, 3, 0]], [1, 1, 1], momentum=0.3,
+                                          activation="tanh"),
+        "bn_fp32_3d": _bn_case(gen, f32, 4, 5, [[2, 3, 4]], [1, 2, 0], momentum=None),
+        "bad_input": _bad_input_case(gen, world),
+        # C = 29 split as shard_slice does: 10 + 10 + 9
+        "ce_29_tensor_split": _ce_case(gen, f64, [shard_slice(29, r, 3).stop - shard_slice(29, r, 3).start
+                                                  for r in range(3)], 10),
+        # C = 7 with a rank holding no classes at all
+        "ce_empty_shard": _ce_case(gen, f64, [5, 0, 2], 9),
+        # subgroups: group ranks differ from global ranks, and the third rank must not be waited for
+        "ce_subgroup_1_2": dict(_ce_case(gen, f64, [4, 7], 5), group=[1, 2]),
+        "bn_subgroup_0_2": dict(_bn_case(gen, f64, 3, None, [[3, 2], [0, 4]], [1, 1], activation="tanh"),
+                                group=[0, 2]),
+        "ddp_step_empty_rank": _ddp_case(gen, [3, 0, 5]),
+    }
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """world size -> (scenarios, per-rank observations); each group is started once, on first use."""
+    cache = {}
+
+    def get(world: int):
+        if world not in cache:
+            scenarios = _scenarios(world)
+            cache[world] = scenarios, run_group(world, scenarios, tmp_path_factory.mktemp(f"gloo{world}"))
+        return cache[world]
+
+    return get
+
+
+SCENARIOS = [(world, name) for world in (2, 3) for name in _scenarios(world)]
+
+
+@pytest.mark.parametrize("world, name", SCENARIOS, ids=[f"{w}ranks-{n}" for w, n in SCENARIOS])
+def test_matches_single_process(group_results, world, name):
+    scenarios, observed = group_results(world)
+    case = scenarios[name]
+    members = case["group"] if isinstance(case.get("group"), list) else range(world)
+    per_rank = [observed[rank][name] for rank in members]  # in group-rank order
+    if case["kind"] == "bad_input":
+        for seen in per_rank:
+            assert len(seen["errors"]) == len(case["bad_inputs"]), seen["errors"]
+            assert seen["calls"] == {}, f"a bad input reached a collective: {seen['calls']}"
+            assert seen["unchanged"], "a bad input changed the module's state"
+            assert torch.isfinite(seen["good"]).all()
+        return
+    CHECKS[case["kind"]](case, per_rank)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single process: helpers and the world-size-1 paths (no process group)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [[5, 3], [0, 7, 2], [1, 1, 1, 1], [6, 0]])
+def test_merge_moments_equals_full_batch(sizes):
+    """Count-weighted merging of per-chunk (count, mean, M2), empty chunks included, gives the full batch's."""
+    x = torch.randn(sum(sizes), 4, 3, dtype=torch.float64) * 3 + 1
+    chunks = [local_moments(c, (0, 2), torch.float64) for c in torch.split(x, sizes)]
+    merged = merge_moments(torch.stack([c.count for c in chunks]), torch.stack([c.mean for c in chunks]),
+                           torch.stack([c.m2 for c in chunks]))
+    assert merged.count == x.numel() // 4
+    torch.testing.assert_close(merged.mean, x.mean((0, 2)))
+    torch.testing.assert_close(merged.m2, x.var((0, 2), correction=0) * merged.count)
+
+
+@pytest.mark.parametrize("n, world", [(27, 2), (29, 3), (2, 3), (0, 2), (12, 4)])
+def test_shard_slice_is_tensor_split(n, world):
+    expected = [len(part) for part in torch.tensor_split(torch.arange(n), world)]
+    slices = [shard_slice(n, r, world) for r in range(world)]
+    assert [s.stop - s.start for s in slices] == expected
+    assert slices[0].start == 0 and slices[-1].stop == n
+    assert all(a.stop == b.start for a, b in itertools.pairwise(slices))
+
+
+def test_single_process_sync_batch_norm_is_batch_norm():
+    """Without a process group SyncBatchNorm is BatchNorm1d: outputs, gradients, running stats, keys."""
+    assert world_size() == 1
+    reference = BatchNorm1d(5, momentum=None, unbiased=True, activation="tanh")
+    sync = to_sync_batch_norm(BatchNorm1d(5, momentum=None, unbiased=True, activation="tanh"))
+    sync.load_state_dict(reference.state_dict())
+    for _ in range(2):
+        x = torch.randn(8, 5, 3)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        dy = torch.randn(8, 5, 3)
+        reference(x1).backward(dy)
+        sync(x2).backward(dy)
+        torch.testing.assert_close(x2.grad, x1.grad)
+        torch.testing.assert_close(sync.weight.grad, reference.weight.grad)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(sync.state_dict()[key], value)
+
+
+def test_convert_sync_batch_norm_after_convert():
+    """convert() fuses BatchNorm1d + Tanh; convert_sync_batch_norm keeps the fusion and every tensor."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Sequential(nn.BatchNorm1d(4)))
+    tensors = model.state_dict(keep_vars=True)
+    model = convert_sync_batch_norm(convert(model))
+    assert [type(m).__name__ for m in model] == ["Linear", "SyncBatchNorm", "Identity", "Sequential"]
+    assert isinstance(model[3][0], SyncBatchNorm) and model[1].activation == "tanh"
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+    root = convert_sync_batch_norm(nn.BatchNorm1d(2))
+    assert isinstance(root, SyncBatchNorm) and convert_sync_batch_norm(root) is root
+
+
+def test_to_sync_batch_norm_shares_parameters_and_buffers():
+    bn = nn.BatchNorm1d(4, momentum=None)
+    sync = to_sync_batch_norm(bn.eval(), process_group=None)
+    assert isinstance(sync, SyncBatchNorm) and not sync.training
+    for name, t in list(bn.named_parameters()) + list(bn.named_buffers()):
+        assert getattr(sync, name) is t, name
+    assert set(sync.state_dict()) == set(bn.state_dict())
+    fused = to_sync_batch_norm(BatchNorm1d(4, unbiased=True, activation="relu"))
+    assert (fused.unbiased, fused.activation) == (True, "relu")
+
+
+@pytest.mark.parametrize("shape", [(6, 27), (3, 10, 4), (27,)], ids=["2d", "3d", "unbatched"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_single_process_vocab_parallel_gradcheck(shape, reduction):
+    """One rank holds every class: plain cross-entropy, checked against F.cross_entropy and by gradcheck."""
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, shape[0] if len(shape) == 1 else shape[1], shape[:1] + shape[2:] if len(shape) > 1 else ())
+    if target.ndim:
+        target.view(-1)[0] = -100
+    weight = torch.rand(logits.shape[0 if len(shape) == 1 else 1], dtype=torch.float64) + 0.1
+    for kwargs in ({}, {"weight": weight, "label_smoothing": 0.15}):
+        ours = vocab_parallel_cross_entropy(logits, target, None, reduction=reduction, **kwargs)
+        theirs = F.cross_entropy(logits, target, reduction=reduction, **kwargs)
+        torch.testing.assert_close(ours, theirs)
+        loss = functools.partial(vocab_parallel_cross_entropy, target=target, reduction=reduction, **kwargs)
+        assert torch.autograd.gradcheck(loss, (logits,))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(logits_shard=torch.randint(0, 3, (4, 5))), TypeError, "logits_shard"),
+    (dict(target=torch.zeros(4)), TypeError, "target"),
+    (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target"),
+    (dict(weight=torch.ones(4)), ValueError, "weight"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(target=torch.tensor([0, 1, 7, 2])), IndexError, "outside"),
+    (dict(weight=torch.ones(5, requires_grad=True)), ValueError, "weight"),
+])
+def test_vocab_parallel_bad_input(kwargs, error, match):
+    args = dict(logits_shard=torch.randn(4, 5), target=torch.tensor([0, 1, 4, -100]))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        vocab_parallel_cross_entropy(**args)
+
+
+def test_double_backward_raises():
+    logits = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 4, 2]))
+    grad_output = torch.ones((), dtype=torch.float64, requires_grad=True)  # the backward is part of a graph
+    (grad,) = torch.autograd.grad(loss, logits, grad_output, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        grad.sum().backward()
+

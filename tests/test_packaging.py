@@ -1,0 +1,73 @@
+"""`pip install .` gives a working package: the data file and fused_ops.kernels in, no top-level kernels."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# what a build does not read: VCS and caches, outputs of earlier builds, tests and benchmarks
+SKIP = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "*.whl", "bench", "tests")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    """A wheel built from a copy of the source tree (building in place would write build/ into the checkout)."""
+    source = tmp_path_factory.mktemp("source") / "fused_ops"
+    shutil.copytree(REPO, source, ignore=SKIP)
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        cwd=source, check=False, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (path,) = out.glob("fused_ops-*.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_wheel_contents(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "fused_ops/kernels/__init__.py" in names
+    assert "fused_ops/data/names.txt" in names
+    assert "fused_ops/__main__.py" in names
+    assert not any(name.startswith("kernels/") for name in names), "kernels must not be a top-level package"
+    top_level = [name for name in names if name.endswith("top_level.txt")]
+    assert [zipfile.ZipFile(wheel).read(name).decode().split() for name in top_level] == [["fused_ops"]]
+    (entry_points,) = [name for name in names if name.endswith("entry_points.txt")]
+    assert "fused-ops = fused_ops.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+@pytest.mark.slow
+def test_installed_wheel_imports_and_loads_its_data(wheel, tmp_path):
+    target, elsewhere = tmp_path / "site", tmp_path / "cwd"
+    elsewhere.mkdir()
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=False, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    code = (
+        "import fused_ops, fused_ops.kernels, fused_ops.data\n"
+        "print(fused_ops.__file__)\nprint(fused_ops.kernels.__file__)\n"
+        "print(len(fused_ops.data.load_words()), len(fused_ops.data.load_dataset().train))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    package_file, kernels_file, counts = result.stdout.splitlines()
+    assert pathlib.Path(package_file).is_relative_to(target), "imported the checkout, not the installed wheel"
+    assert pathlib.Path(kernels_file).is_relative_to(target / "fused_ops" / "kernels")
+    assert counts == "32033 182625"
