@@ -20,7 +20,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux'"],
         "plot": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "matplotlib>=3.5"],
+        # numpy<2.4: triton 3.6's interpreter (how CI runs the kernels) breaks on numpy 2.4's stricter
+        # array-to-scalar conversion in runtime-bounded loops (triton-lang/triton#9171, fixed after 3.6).
+        "test": ["pytest>=7", "matplotlib>=3.5", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["fused-ops = fused_ops.__main__:main"]},
 )

@@ -14,6 +14,7 @@ The closed forms, with xhat = (x - mean) * invstd and g the gradient reaching th
     dgamma = sum(g * xhat),  dbeta = sum(g)
 where g = dy for no activation, dy * (1 - y^2) after tanh and dy * (y > 0) after relu.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -66,22 +67,34 @@ def _check_args(
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"batch_norm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}")
+        raise TypeError(
+            f"batch_norm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
+        )
     if input.ndim not in (2, 3):
-        raise ValueError(f"batch_norm: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}")
+        raise ValueError(
+            f"batch_norm: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}"
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm: running_mean and running_var must both be tensors or both be None")
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
     if not training and running_mean is None:
-        raise ValueError("batch_norm: running_mean and running_var are required in eval mode (training=False)")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        raise ValueError(
+            "batch_norm: running_mean and running_var are required in eval mode (training=False)"
+        )
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         if t is not None:
             _check_channel_tensor(name, t, input)
     if isinstance(momentum, torch.Tensor):
         if momentum.ndim != 0 or not momentum.is_floating_point():
             raise TypeError(
-                f"batch_norm: a momentum tensor must be a 0-dim float tensor, got {momentum.ndim}-D {momentum.dtype}"
+                "batch_norm: a momentum tensor must be a 0-dim float tensor, "
+                f"got {momentum.ndim}-D {momentum.dtype}"
             )
         if momentum.device != input.device:
             raise ValueError(f"batch_norm: momentum is on {momentum.device} but input is on {input.device}")
@@ -98,7 +111,8 @@ def _check_args(
         raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if training and input.numel() // max(input.shape[1], 1) == 1:
         raise ValueError(
-            f"batch_norm: expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+            "batch_norm: expected more than 1 value per channel when training, "
+            f"got input size {tuple(input.shape)}"
         )
 
 
@@ -200,7 +214,7 @@ def backward_torch(
     sum_g_xhat = (g * xhat).sum(dims)  # = dgamma
     scale = invstd if weight is None else invstd * weight.to(stat)
     if training:
-        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) when normalised with var_unbiased
+        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) with unbiased=True
         k = count / (count - 1) if unbiased else 1.0
         mean_g = _channel_view(sum_g / count, x.ndim)
         mean_g_xhat = _channel_view(sum_g_xhat * (k / count), x.ndim)
@@ -237,8 +251,9 @@ class BatchNormFunction(torch.autograd.Function):
             forward = kernels.batch_norm_forward
         else:
             forward = forward_torch
-        y, mean, invstd = forward(input, weight, bias, running_mean, running_var, momentum, eps, training, unbiased,
-                                  activation)
+        y, mean, invstd = forward(
+            input, weight, bias, running_mean, running_var, momentum, eps, training, unbiased, activation
+        )
         # Saved: x (for xhat), gamma, the statistics' mean and invstd (C values each, fp32; fp64 for fp64
         # input; the running stats' in eval mode) and, with an activation, the output y for its derivative.
         ctx.save_for_backward(input, weight, mean, invstd, y if activation is not None else None)
@@ -247,7 +262,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # double backward raises "trying to differentiate twice a function ... @once_differentiable"
+    @once_differentiable  # double backward raises "trying to differentiate twice a function ..."
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, invstd, y = ctx.saved_tensors
         training, unbiased, activation, triton = ctx.config
@@ -273,7 +288,8 @@ def _use_triton_kernels(input: torch.Tensor, *tensors: torch.Tensor | None) -> b
         return triton
     if requested_backend() == "triton":
         raise BackendUnavailableError(
-            "batch_norm: the Triton kernels take fp16/bf16/fp32 input, got float64; use backend 'torch' or 'auto'"
+            "batch_norm: the Triton kernels take fp16/bf16/fp32 input, got float64; "
+            "use backend 'torch' or 'auto'"
         )
     return False
 
@@ -294,7 +310,17 @@ def _batch_norm(
     momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
     triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, momentum_tensor)
     return BatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, momentum, float(eps), training, unbiased, activation, triton
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        float(eps),
+        training,
+        unbiased,
+        activation,
+        triton,
     )
 
 
@@ -323,7 +349,9 @@ def batch_norm(
     fp16/bf16 input keeps fp32 statistics; weight, bias and running stats may be fp32 beside it.
     """
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,15 +394,35 @@ class BatchNorm1d(nn.BatchNorm1d):
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         momentum = 0.0 if self.momentum is None else self.momentum
-        _check_args(input, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
-                    self.unbiased, self.activation)
+        _check_args(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training,
+            momentum,
+            self.eps,
+            self.unbiased,
+            self.activation,
+        )
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
                 dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
                 momentum = self.num_batches_tracked.to(dtype).reciprocal()
-        return _batch_norm(input, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps,
-                           self.unbiased, self.activation)
+        return _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training,
+            momentum,
+            self.eps,
+            self.unbiased,
+            self.activation,
+        )
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

@@ -4,7 +4,10 @@ Works like `torch.nn.SyncBatchNorm.convert_sync_batchnorm`: the new modules hold
 parameters and buffers (same tensors, so requires_grad, device, dtype and sharing are kept) and the
 same training flag; the model is changed in place and returned.
 """
+
 from __future__ import annotations
+
+import itertools
 
 from torch import nn
 
@@ -44,7 +47,7 @@ def _needs_conversion(module: nn.Module) -> bool:
 def _convert_sequential(seq: nn.Sequential) -> None:
     """Fuse each BatchNorm1d directly followed by Tanh/ReLU; nn.Identity keeps the activation's index."""
     names = list(seq._modules)
-    for name, next_name in zip(names, names[1:]):
+    for name, next_name in itertools.pairwise(names):
         bn, act = seq._modules[name], seq._modules[next_name]
         fusable = _needs_conversion(bn) or (isinstance(bn, BatchNorm1d) and bn.activation is None)
         if fusable and _fusable_activation(act) is not None:

@@ -13,8 +13,10 @@ scales it: "mean" divides by sum_i w[y_i] over non-ignored rows (the count witho
 for probability targets, exactly as torch does; "sum" and "none" by 1. Ignored rows get a zero gradient.
 
 One pass: the forward computes the loss and, when input requires grad, this gradient for a unit
-upstream gradient; the backward only scales it by grad_output (in place, no host sync).
+upstream gradient (the PyTorch path below with the formula, the Triton kernels in the same sweep over
+the logits); the backward only scales it by grad_output, on the device, with no host sync.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,16 +47,22 @@ def _check_args(
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
     if input.dtype not in (torch.float64, *KERNEL_DTYPES):
-        raise TypeError(f"cross_entropy: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+        raise TypeError(
+            f"cross_entropy: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
     if input.dim() == 0:
-        raise ValueError("cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+        raise ValueError(
+            "cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor"
+        )
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if num_classes == 0:
         raise ValueError(f"cross_entropy: input has no classes (C = 0), shape {tuple(input.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"cross_entropy: label_smoothing must be a float, got {type(label_smoothing).__name__}")
+        raise TypeError(
+            f"cross_entropy: label_smoothing must be a float, got {type(label_smoothing).__name__}"
+        )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -68,7 +76,8 @@ def _check_args(
             )
         if target.dtype != input.dtype:
             raise TypeError(
-                f"cross_entropy: a probability target must have the input's dtype {input.dtype}, got {target.dtype}"
+                f"cross_entropy: a probability target must have the input's dtype {input.dtype}, "
+                f"got {target.dtype}"
             )
         if ignore_index >= 0:  # as torch: probability targets have no class to ignore
             raise ValueError(
@@ -89,7 +98,8 @@ def _check_args(
         expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
         if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
             raise ValueError(
-                f"cross_entropy: batch size mismatch: input has N={input.shape[0]}, target has {target.shape[0]}"
+                f"cross_entropy: batch size mismatch: input has N={input.shape[0]}, "
+                f"target has {target.shape[0]}"
             )
         if target.shape != expected:
             raise ValueError(
@@ -269,7 +279,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, need_grad, inplace, shape):
+    def forward(
+        ctx, input, target, weight, ignore_index, reduction, label_smoothing, need_grad, inplace, shape
+    ):
         ctx.set_materialize_grads(False)
         ctx.triton = _runs_triton(input, target, weight)
         logits = input if input.shape == shape else input.view(shape)
@@ -285,8 +297,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             if need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
                 grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
             loss = kernels.cross_entropy_forward(
-                rows, target_rows, weight, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, grad=grad,
+                rows,
+                target_rows,
+                weight,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                label_smoothing=label_smoothing,
+                grad=grad,
             )
         else:
             loss, grad = cross_entropy_reference(
@@ -357,7 +374,9 @@ def _overwritable(input: torch.Tensor) -> torch.Tensor:
     if input._is_view():
         base = input._base
         if not (
-            base.is_contiguous() and input.is_contiguous() and base.numel() == input.numel()
+            base.is_contiguous()
+            and input.is_contiguous()
+            and base.numel() == input.numel()
             and base.data_ptr() == input.data_ptr()
         ):
             raise ValueError(
@@ -395,6 +414,9 @@ def cross_entropy(
 
     The forward also computes d(loss)/d(input) when input requires grad, and the backward only scales
     it by grad_output. (N, C, d1, ..., dK) inputs are first copied to (M, C) rows, class dim last.
+    Backend: `fused_ops.use_backend` / $FUSED_OPS_BACKEND; "auto" runs the Triton kernels on CUDA for
+    float32/bfloat16/float16 and the PyTorch path otherwise (float64 included). The Triton backward
+    scales the stored gradient in place, so a second backward through a retained graph raises there.
 
     inplace_backward: write that gradient into input's memory instead of a new N x C buffer. input is
         then overwritten (marked dirty for autograd) and must not be used afterwards; it must not be a
@@ -407,7 +429,7 @@ def cross_entropy(
 
     Differences from torch: int32 targets are accepted; weight may have any float dtype; probability
     targets must have input's dtype; gradients flow only to input (not to weight or target); C = 0 is
-    refused; double backward and a second backward through the same graph raise RuntimeError.
+    refused; double backward (create_graph=True) raises RuntimeError.
     """
     _check_args(input, target, weight, ignore_index, reduction, label_smoothing, validate)
     need_grad = input.requires_grad and torch.is_grad_enabled()
@@ -415,8 +437,15 @@ def cross_entropy(
     if need_grad and inplace_backward and _rows_alias(input):
         owner = _overwritable(input)
     out = CrossEntropyFunction.apply(
-        owner, target, weight, ignore_index, reduction, float(label_smoothing), need_grad,
-        bool(inplace_backward), input.shape,
+        owner,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        float(label_smoothing),
+        need_grad,
+        bool(inplace_backward),
+        input.shape,
     )
     return out[0] if isinstance(out, tuple) else out
 
@@ -446,9 +475,18 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            inplace_backward=self.inplace_backward, validate=self.validate,
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            inplace_backward=self.inplace_backward,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, inplace_backward={self.inplace_backward}, validate={self.validate}"
+        return (
+            f"reduction={self.reduction!r}, inplace_backward={self.inplace_backward}, "
+            f"validate={self.validate}"
+        )

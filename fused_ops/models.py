@@ -26,9 +26,9 @@ from fused_ops.data import Vocab
 class MLP(nn.Module):
     """Character-level MLP language model (Bengio et al. 2003) with BatchNorm, as in the notebook.
 
-    Initialisation follows the notebook (makemore part 3): the embedding ~ N(0, 1); the first Linear
-    ~ N(0, (5/3)^2 / fan_in), tanh's Kaiming gain, and no bias since the BatchNorm after it subtracts
-    the mean anyway; the output layer scaled by 0.1 so the first loss is close to -log(1/vocab_size).
+    Initialisation as in makemore part 3: the embedding ~ N(0, 1); the first Linear ~ N(0, (5/3)^2 / fan_in),
+    tanh's Kaiming gain, and no bias since the BatchNorm after it subtracts the mean anyway; the output
+    Linear ~ N(0, 0.1^2 / fan_in) with zero bias, so the first loss is close to log(vocab_size).
     Pass `generator` to make the initialisation independent of the global RNG.
     """
 

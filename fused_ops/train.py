@@ -150,7 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda when available, else cpu)",
     )
-    parser.add_argument("--seed", type=int, default=42, help="seeds the initial weights, batches and samples")
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seeds the initial weights, batches and samples (default 42)"
+    )
     parser.add_argument(
         "--no-fused",
         dest="fused",

@@ -18,18 +18,18 @@ Eval forward is elementwise: one launch of the normalising kernel in either regi
 Kernels take fp32 weight, bias and running stats (the launchers convert others and copy running
 stats back); x, y, dy and dx are fp32, fp16 or bf16. Closed forms as in `fused_ops.batch_norm`:
     y  = act(gamma * (x - mean) * invstd + beta)
-    dx = gamma * invstd * (g - sum(g)/n - xhat * sum(g * xhat) * k/n)    training, k = n/(n-1) if unbiased else 1
-    dx = g * gamma * invstd                                              eval
+    dx = gamma * invstd * (g - sum(g)/n - xhat * sum(g * xhat) * k/n)   training; k = n/(n-1) if unbiased
+    dx = g * gamma * invstd                                             eval
 with g = dy * act'(.) read from the saved output y.
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-
 from fused_ops.kernels.spec import KernelSpec
 
 ACTIVATION_CODES = {None: 0, "tanh": 1, "relu": 2}
@@ -46,6 +46,19 @@ def _tile_offsets(n, c, l, stride_n, stride_c, stride_l):
     return (n.to(tl.int64)[:, None, None] * stride_n
             + c.to(tl.int64)[None, :, None] * stride_c
             + l.to(tl.int64)[None, None, :] * stride_l)
+
+
+@triton.jit
+def _load_tile(T_ptr, n, c, l, stride_n, stride_c, stride_l, mask):
+    """The [n, c, l] tile of T as fp32, 0 where masked."""
+    values = tl.load(T_ptr + _tile_offsets(n, c, l, stride_n, stride_c, stride_l), mask=mask, other=0.0)
+    return values.to(tl.float32)
+
+
+@triton.jit
+def _store_tile(T_ptr, n, c, l, stride_n, stride_c, stride_l, value, mask):
+    offsets = _tile_offsets(n, c, l, stride_n, stride_c, stride_l)
+    tl.store(T_ptr + offsets, value.to(T_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,7 +145,8 @@ def _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentu
 def _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING: tl.constexpr):
     if TRAINING:
         # dx = gamma*invstd * (g - sum(g)/n - xhat * sum(g*xhat) * k/n)
-        dx = _per_channel(scale) * (g - _per_channel(sum_g * inv_n) - xhat * _per_channel(sum_g_xhat * k_over_n))
+        mean_g, mean_g_xhat = sum_g * inv_n, sum_g_xhat * k_over_n
+        dx = _per_channel(scale) * (g - _per_channel(mean_g) - xhat * _per_channel(mean_g_xhat))
     else:
         dx = g * _per_channel(scale)  # running stats are constants: dx = g * gamma * invstd
     return dx
@@ -162,14 +176,14 @@ def batch_norm_fwd_kernel(
     ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Training forward with [N, BLOCK_C, L] in registers. Grid: (cdiv(C, BLOCK_C),); BLOCK_N >= N, BLOCK_L >= L."""
+    """Training forward, [N, BLOCK_C, L] on chip. Grid: (cdiv(C, BLOCK_C),); BLOCK_N >= N, BLOCK_L >= L."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     l = tl.arange(0, BLOCK_L)
     mask = _tile_mask(n, c, l, N, C, L)
-    x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
+    x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
     pivot = _pivot(X_ptr, c, C, stride_xc)
-    xs = tl.where(mask, x.to(tl.float32) - _per_channel(pivot), 0.0)  # shifted: x - x[0, c, 0]
+    xs = tl.where(mask, x - _per_channel(pivot), 0.0)  # shifted: x - x[0, c, 0]
     mean_shifted = _channel_sum(xs) * inv_n
     xc = tl.where(mask, xs - _per_channel(mean_shifted), 0.0)  # x - mean, 0 on padding
     var = _channel_sum(xc * xc) * inv_n  # biased variance, second pass over registers
@@ -177,11 +191,11 @@ def batch_norm_fwd_kernel(
     invstd = tl.rsqrt(var * var_scale + eps)
     tl.store(Mean_ptr + c, mean, mask=c < C)
     tl.store(Invstd_ptr + c, invstd, mask=c < C)
-    _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentum, c, C, mean, var * running_var_scale)
+    var_unbiased = var * running_var_scale
+    _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentum, c, C, mean, var_unbiased)
     scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
     y = _activate(xc * _per_channel(scale) + _per_channel(shift), ACTIVATION)
-    y_offsets = _tile_offsets(n, c, l, stride_yn, stride_yc, stride_yl)
-    tl.store(Y_ptr + y_offsets, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, y, mask)
 
 
 @triton.jit
@@ -206,29 +220,27 @@ def batch_norm_bwd_kernel(
     TRAINING: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Backward with [N, BLOCK_C, L] in registers. Grid: (cdiv(C, BLOCK_C),); BLOCK_N >= N, BLOCK_L >= L."""
+    """Backward, [N, BLOCK_C, L] on chip. Grid: (cdiv(C, BLOCK_C),); BLOCK_N >= N, BLOCK_L >= L."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     l = tl.arange(0, BLOCK_L)
     mask = _tile_mask(n, c, l, N, C, L)
-    dy = tl.load(DY_ptr + _tile_offsets(n, c, l, stride_dyn, stride_dyc, stride_dyl), mask=mask, other=0.0)
+    dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
     y = 0.0
     if Y_ptr is not None:
-        y = tl.load(Y_ptr + _tile_offsets(n, c, l, stride_yn, stride_yc, stride_yl), mask=mask, other=0.0)
-        y = y.to(tl.float32)
-    g = _activation_grad(dy.to(tl.float32), y, ACTIVATION)  # 0 on padding
-    x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
+        y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+    g = _activation_grad(dy, y, ACTIVATION)  # 0 on padding
+    x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
     mean = tl.load(Mean_ptr + c, mask=c < C, other=0.0)
     invstd = tl.load(Invstd_ptr + c, mask=c < C, other=0.0)
-    xhat = (x.to(tl.float32) - _per_channel(mean)) * _per_channel(invstd)
+    xhat = (x - _per_channel(mean)) * _per_channel(invstd)
     sum_g = _channel_sum(g)
     sum_g_xhat = _channel_sum(g * xhat)
     tl.store(SumG_ptr + c, sum_g, mask=c < C)
     tl.store(SumGXhat_ptr + c, sum_g_xhat, mask=c < C)
     scale, _ = _scale_shift(W_ptr, None, c, C, invstd)
     dx = _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING)
-    dx_offsets = _tile_offsets(n, c, l, stride_dxn, stride_dxc, stride_dxl)
-    tl.store(DX_ptr + dx_offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+    _store_tile(DX_ptr, n, c, l, stride_dxn, stride_dxc, stride_dxl, dx, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +250,7 @@ def batch_norm_bwd_kernel(
 def batch_norm_fwd_partial_kernel(
     # pointers
     X_ptr,  # (N, C, L)
-    Partial_ptr,  # (2, S, C) fp32 output: mean and M2 = sum((x - mean)^2) of each split
+    Partial_ptr,  # (2, S, C) fp32 output: mean of x - x[0, c, 0] and M2 = sum((x - mean)^2) of each split
     # strides
     stride_xn, stride_xc, stride_xl,
     # sizes
@@ -260,8 +272,8 @@ def batch_norm_fwd_partial_kernel(
         for l0 in range(0, L, BLOCK_L):
             l = l0 + tl.arange(0, BLOCK_L)
             mask = _tile_mask(n, c, l, n_end, C, L)
-            x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
-            xs = tl.where(mask, x.to(tl.float32) - _per_channel(pivot), 0.0)
+            x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+            xs = tl.where(mask, x - _per_channel(pivot), 0.0)
             tile_count = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(L - l0, BLOCK_L)).to(tl.float32)
             tile_mean = _channel_sum(xs) / tile_count
             xc = tl.where(mask, xs - _per_channel(tile_mean), 0.0)
@@ -274,7 +286,7 @@ def batch_norm_fwd_partial_kernel(
             count = total
     offsets = split.to(tl.int64) * C + c
     num_splits = tl.num_programs(0)
-    tl.store(Partial_ptr + offsets, pivot + mean, mask=c < C)
+    tl.store(Partial_ptr + offsets, mean, mask=c < C)
     tl.store(Partial_ptr + num_splits.to(tl.int64) * C + offsets, m2, mask=c < C)
 
 
@@ -282,16 +294,22 @@ def batch_norm_fwd_partial_kernel(
 def batch_norm_fwd_combine_kernel(
     # pointers
     Partial_ptr,  # (2, S, C) fp32 from batch_norm_fwd_partial_kernel
+    X_ptr,  # (N, C, L): read for the pivot x[0, c, 0] only
     Mean_ptr, Invstd_ptr,  # (C,) fp32 outputs
+    ShiftedMean_ptr,  # (C,) fp32 output: mean - x[0, c, 0], for the apply kernel
     RunningMean_ptr, RunningVar_ptr,  # (C,) fp32 updated in place, or None
     Momentum_ptr,  # () momentum on device, or None to use `momentum`
+    # strides
+    stride_xc,
     # sizes and scalars
     N, C, L, num_splits, rows_per_split,
     momentum, eps, inv_n, var_scale, running_var_scale,  # as in batch_norm_fwd_kernel
     # constexprs
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge the S partials of each feature in split order; mean, invstd, running stats. Grid: (cdiv(C, BLOCK_C),)."""
+    """Merge each feature's S partials in split order: mean, invstd, running stats.
+
+    Grid: (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -317,9 +335,12 @@ def batch_norm_fwd_combine_kernel(
         count = total
     var = m2 * inv_n
     invstd = tl.rsqrt(var * var_scale + eps)
+    tl.store(ShiftedMean_ptr + c, mean, mask=c < C)
+    mean += _pivot(X_ptr, c, C, stride_xc)
     tl.store(Mean_ptr + c, mean, mask=c < C)
     tl.store(Invstd_ptr + c, invstd, mask=c < C)
-    _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentum, c, C, mean, var * running_var_scale)
+    var_unbiased = var * running_var_scale
+    _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentum, c, C, mean, var_unbiased)
 
 
 @triton.jit
@@ -327,7 +348,8 @@ def batch_norm_fwd_apply_kernel(
     # pointers
     X_ptr, Y_ptr,  # (N, C, L)
     W_ptr, B_ptr,  # (C,) fp32 or None
-    Mean_ptr, Invstd_ptr,  # (C,) fp32: read in training; written (by block row 0) in eval
+    Mean_ptr, Invstd_ptr,  # (C,) fp32: invstd read in training; both written (by block row 0) in eval
+    ShiftedMean_ptr,  # (C,) fp32 mean - x[0, c, 0] in training, or None
     RunningMean_ptr, RunningVar_ptr,  # (C,) fp32 read in eval, or None
     # strides
     stride_xn, stride_xc, stride_xl,
@@ -338,32 +360,38 @@ def batch_norm_fwd_apply_kernel(
     USE_RUNNING_STATS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """y = act(gamma * (x - mean) * invstd + beta) on rows [pid_n * BLOCK_N, ...). Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C)).
+    """y = act(gamma * (x - mean) * invstd + beta) on rows [pid_n * BLOCK_N, ...).
 
-    Training (split regime): mean and invstd come from the combine kernel. Eval (USE_RUNNING_STATS):
-    mean = running_mean, invstd = 1 / sqrt(running_var + eps), saved for the backward by block row 0.
+    Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C)).
+
+    Training (split regime): invstd and the shifted mean come from the combine kernel, and
+    x - mean = (x - x[0, c, 0]) - shifted mean stays accurate when |mean| >> std. Eval
+    (USE_RUNNING_STATS): mean = running_mean, invstd = 1 / sqrt(running_var + eps), saved for the
+    backward by block row 0.
     """
     pid_n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     if USE_RUNNING_STATS:
+        pivot = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.load(RunningMean_ptr + c, mask=c_mask, other=0.0)
         invstd = tl.rsqrt(tl.load(RunningVar_ptr + c, mask=c_mask, other=1.0) + eps)
         tl.store(Mean_ptr + c, mean, mask=c_mask & (pid_n == 0))
         tl.store(Invstd_ptr + c, invstd, mask=c_mask & (pid_n == 0))
     else:
-        mean = tl.load(Mean_ptr + c, mask=c_mask, other=0.0)
+        pivot = _pivot(X_ptr, c, C, stride_xc)
+        mean = tl.load(ShiftedMean_ptr + c, mask=c_mask, other=0.0)
         invstd = tl.load(Invstd_ptr + c, mask=c_mask, other=0.0)
     scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     for l0 in range(0, L, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         mask = _tile_mask(n, c, l, N, C, L)
-        x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
-        u = (x.to(tl.float32) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+        x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+        xc = x - _per_channel(pivot) - _per_channel(mean)
+        u = xc * _per_channel(scale) + _per_channel(shift)
         y = _activate(u, ACTIVATION)
-        tl.store(Y_ptr + _tile_offsets(n, c, l, stride_yn, stride_yc, stride_yl), y.to(Y_ptr.dtype.element_ty),
-                 mask=mask)
+        _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, y, mask)
 
 
 @triton.jit
@@ -397,14 +425,13 @@ def batch_norm_bwd_partial_kernel(
         for l0 in range(0, L, BLOCK_L):
             l = l0 + tl.arange(0, BLOCK_L)
             mask = _tile_mask(n, c, l, n_end, C, L)
-            dy = tl.load(DY_ptr + _tile_offsets(n, c, l, stride_dyn, stride_dyc, stride_dyl), mask=mask, other=0.0)
+            dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
             y = 0.0
             if Y_ptr is not None:
-                y = tl.load(Y_ptr + _tile_offsets(n, c, l, stride_yn, stride_yc, stride_yl), mask=mask, other=0.0)
-                y = y.to(tl.float32)
-            g = _activation_grad(dy.to(tl.float32), y, ACTIVATION)
-            x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
-            xhat = (x.to(tl.float32) - _per_channel(mean)) * _per_channel(invstd)
+                y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+            g = _activation_grad(dy, y, ACTIVATION)
+            x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+            xhat = (x - _per_channel(mean)) * _per_channel(invstd)
             sum_g += _channel_sum(g)
             sum_g_xhat += _channel_sum(g * xhat)
     offsets = split.to(tl.int64) * C + c
@@ -431,8 +458,9 @@ def batch_norm_bwd_combine_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < num_splits)[:, None] & (c < C)[None, :]
         offsets = s.to(tl.int64)[:, None] * C + c[None, :]
+        second = num_splits.to(tl.int64) * C  # offset of sum(g * xhat)
         sum_g += tl.sum(tl.load(Partial_ptr + offsets, mask=mask, other=0.0), axis=0)
-        sum_g_xhat += tl.sum(tl.load(Partial_ptr + num_splits.to(tl.int64) * C + offsets, mask=mask, other=0.0), axis=0)
+        sum_g_xhat += tl.sum(tl.load(Partial_ptr + second + offsets, mask=mask, other=0.0), axis=0)
     tl.store(SumG_ptr + c, sum_g, mask=c < C)
     tl.store(SumGXhat_ptr + c, sum_g_xhat, mask=c < C)
 
@@ -468,17 +496,15 @@ def batch_norm_bwd_apply_kernel(
     for l0 in range(0, L, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         mask = _tile_mask(n, c, l, N, C, L)
-        dy = tl.load(DY_ptr + _tile_offsets(n, c, l, stride_dyn, stride_dyc, stride_dyl), mask=mask, other=0.0)
+        dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
         y = 0.0
         if Y_ptr is not None:
-            y = tl.load(Y_ptr + _tile_offsets(n, c, l, stride_yn, stride_yc, stride_yl), mask=mask, other=0.0)
-            y = y.to(tl.float32)
-        g = _activation_grad(dy.to(tl.float32), y, ACTIVATION)
-        x = tl.load(X_ptr + _tile_offsets(n, c, l, stride_xn, stride_xc, stride_xl), mask=mask, other=0.0)
-        xhat = (x.to(tl.float32) - _per_channel(mean)) * _per_channel(invstd)
+            y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+        g = _activation_grad(dy, y, ACTIVATION)
+        x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+        xhat = (x - _per_channel(mean)) * _per_channel(invstd)
         dx = _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING)
-        tl.store(DX_ptr + _tile_offsets(n, c, l, stride_dxn, stride_dxc, stride_dxl), dx.to(DX_ptr.dtype.element_ty),
-                 mask=mask)
+        _store_tile(DX_ptr, n, c, l, stride_dxn, stride_dxc, stride_dxl, dx, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -570,7 +596,8 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _strides(prefix: str, t: torch.Tensor) -> dict[str, int]:
-    return {f"stride_{prefix}n": t.stride(0), f"stride_{prefix}c": t.stride(1), f"stride_{prefix}l": t.stride(2)}
+    """Keyword arguments stride_<prefix>n, _c, _l of a 3-D view."""
+    return {f"stride_{prefix}{axis}": t.stride(dim) for dim, axis in enumerate("ncl")}
 
 
 def batch_norm_forward(
@@ -605,25 +632,35 @@ def batch_norm_forward(
     running_mean32, running_var32 = _fp32(running_mean), _fp32(running_var)
     settings = launch_settings(N, C, L, MAX_TILE if max_tile is None else max_tile)
     tile = settings.tile
-    blocks = dict(BLOCK_N=tile.block_n, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l)
+    blocks = {"BLOCK_N": tile.block_n, "BLOCK_C": tile.block_c, "BLOCK_L": tile.block_l}
     code = ACTIVATION_CODES[activation]
 
     if not training:
         grid = (triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))
         batch_norm_fwd_apply_kernel[grid](
             X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, Mean_ptr=mean, Invstd_ptr=invstd,
-            RunningMean_ptr=running_mean32, RunningVar_ptr=running_var32,
+            ShiftedMean_ptr=None, RunningMean_ptr=running_mean32, RunningVar_ptr=running_var32,
             **_strides("x", x3), **_strides("y", y3), N=N, C=C, L=L, eps=eps,
             USE_RUNNING_STATS=True, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
         return y, mean, invstd
 
-    momentum_ptr = momentum if isinstance(momentum, torch.Tensor) else None
-    stats = dict(
-        Mean_ptr=mean, Invstd_ptr=invstd, RunningMean_ptr=running_mean32, RunningVar_ptr=running_var32,
-        Momentum_ptr=momentum_ptr, momentum=0.0 if momentum_ptr is not None else float(momentum), eps=eps,
-        inv_n=1.0 / count, var_scale=count / (count - 1) if unbiased else 1.0, running_var_scale=count / (count - 1),
-    )
+    if running_mean is not None and isinstance(momentum, torch.Tensor):  # read on device: no host sync
+        momentum_ptr, momentum_value = momentum, 0.0
+    else:  # a float, or unused without running stats
+        momentum_ptr, momentum_value = None, 0.0 if running_mean is None else float(momentum)
+    stats = {
+        "Mean_ptr": mean,
+        "Invstd_ptr": invstd,
+        "RunningMean_ptr": running_mean32,
+        "RunningVar_ptr": running_var32,
+        "Momentum_ptr": momentum_ptr,
+        "momentum": momentum_value,
+        "eps": eps,
+        "inv_n": 1.0 / count,
+        "var_scale": count / (count - 1) if unbiased else 1.0,
+        "running_var_scale": count / (count - 1),
+    }
     if settings.on_chip:
         batch_norm_fwd_kernel[(triton.cdiv(C, tile.block_c),)](
             X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, **stats,
@@ -632,17 +669,19 @@ def batch_norm_forward(
         )
     else:
         partial = torch.empty((2, settings.num_splits, C), dtype=torch.float32, device=x.device)
+        shifted_mean = torch.empty(C, dtype=torch.float32, device=x.device)
         batch_norm_fwd_partial_kernel[(settings.num_splits, triton.cdiv(C, tile.block_c))](
             X_ptr=x3, Partial_ptr=partial, **_strides("x", x3),
             N=N, C=C, L=L, rows_per_split=settings.rows_per_split, **blocks, num_warps=tile.num_warps,
         )
         batch_norm_fwd_combine_kernel[(triton.cdiv(C, COMBINE_BLOCK_C),)](
-            Partial_ptr=partial, **stats, N=N, C=C, L=L, num_splits=settings.num_splits,
-            rows_per_split=settings.rows_per_split, BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4,
+            Partial_ptr=partial, X_ptr=x3, ShiftedMean_ptr=shifted_mean, **stats, stride_xc=x3.stride(1),
+            N=N, C=C, L=L, num_splits=settings.num_splits, rows_per_split=settings.rows_per_split,
+            BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4,
         )
         batch_norm_fwd_apply_kernel[(triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))](
             X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, Mean_ptr=mean, Invstd_ptr=invstd,
-            RunningMean_ptr=None, RunningVar_ptr=None,
+            ShiftedMean_ptr=shifted_mean, RunningMean_ptr=None, RunningVar_ptr=None,
             **_strides("x", x3), **_strides("y", y3), N=N, C=C, L=L, eps=eps,
             USE_RUNNING_STATS=False, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
@@ -665,7 +704,7 @@ def batch_norm_backward(
     *,
     max_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x (and y with an activation): (N, C) or (N, C, L) -> (dx like x, dgamma (C,) fp32, dbeta (C,) fp32).
+    """dy, x (and y with an activation): (N, C) or (N, C, L) -> (dx like x, dgamma, dbeta: (C,) fp32).
 
     Same contract as `fused_ops.batch_norm.backward_torch`; mean and invstd are the forward's.
     max_tile: as in `batch_norm_forward`.
@@ -680,13 +719,13 @@ def batch_norm_backward(
         return dx, sum_g_xhat.zero_(), sum_g.zero_()
     x3, dy3, dx3 = _as_3d(x), _as_3d(dy), _as_3d(dx)
     y3 = _as_3d(y) if activation is not None else None
-    y_strides = _strides("y", y3) if y3 is not None else dict(stride_yn=0, stride_yc=0, stride_yl=0)
+    y_strides = _strides("y", y3) if y3 is not None else {"stride_yn": 0, "stride_yc": 0, "stride_yl": 0}
     weight = _fp32(weight)
     settings = launch_settings(N, C, L, MAX_TILE if max_tile is None else max_tile)
     tile = settings.tile
-    blocks = dict(BLOCK_N=tile.block_n, BLOCK_C=tile.block_c, BLOCK_L=tile.block_l)
+    blocks = {"BLOCK_N": tile.block_n, "BLOCK_C": tile.block_c, "BLOCK_L": tile.block_l}
     code = ACTIVATION_CODES[activation]
-    coefficients = dict(inv_n=1.0 / count, k_over_n=(1.0 / (count - 1) if unbiased else 1.0 / count))
+    coefficients = {"inv_n": 1.0 / count, "k_over_n": (1.0 / (count - 1) if unbiased else 1.0 / count)}
 
     if settings.on_chip:
         batch_norm_bwd_kernel[(triton.cdiv(C, tile.block_c),)](
@@ -701,7 +740,8 @@ def batch_norm_backward(
     batch_norm_bwd_partial_kernel[(settings.num_splits, triton.cdiv(C, tile.block_c))](
         DY_ptr=dy3, X_ptr=x3, Y_ptr=y3, Mean_ptr=mean, Invstd_ptr=invstd, Partial_ptr=partial,
         **_strides("dy", dy3), **_strides("x", x3), **y_strides,
-        N=N, C=C, L=L, rows_per_split=settings.rows_per_split, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
+        N=N, C=C, L=L, rows_per_split=settings.rows_per_split,
+        ACTIVATION=code, **blocks, num_warps=tile.num_warps,
     )
     batch_norm_bwd_combine_kernel[(triton.cdiv(C, COMBINE_BLOCK_C),)](
         Partial_ptr=partial, SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat, C=C, num_splits=settings.num_splits,
@@ -756,13 +796,13 @@ def specializations() -> Iterator[KernelSpec]:
     elements at 16 warps, as `launch_settings` picks them.
     """
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    tall, wide = dict(BLOCK_N=1024, BLOCK_C=8, BLOCK_L=1), dict(BLOCK_N=64, BLOCK_C=128, BLOCK_L=1)
-    cube = dict(BLOCK_N=16, BLOCK_C=8, BLOCK_L=64)  # on chip (16, C, 64)
-    split = dict(BLOCK_N=64, BLOCK_C=64, BLOCK_L=1)
-    split_3d = dict(BLOCK_N=1, BLOCK_C=1, BLOCK_L=4096)
+    tall, wide = {"BLOCK_N": 1024, "BLOCK_C": 8, "BLOCK_L": 1}, {"BLOCK_N": 64, "BLOCK_C": 128, "BLOCK_L": 1}
+    cube = {"BLOCK_N": 16, "BLOCK_C": 8, "BLOCK_L": 64}  # on chip (16, C, 64)
+    split = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_L": 1}
+    split_3d = {"BLOCK_N": 1, "BLOCK_C": 1, "BLOCK_L": 4096}
     tanh, relu, none = ACTIVATION_CODES["tanh"], ACTIVATION_CODES["relu"], ACTIVATION_CODES[None]
-    no_affine = dict(W_ptr=None, B_ptr=None)
-    no_running = dict(RunningMean_ptr=None, RunningVar_ptr=None, Momentum_ptr=None)
+    no_affine = {"W_ptr": None, "B_ptr": None}
+    no_running = {"RunningMean_ptr": None, "RunningVar_ptr": None, "Momentum_ptr": None}
     f32 = torch.float32
 
     for dtype in dtypes:
@@ -774,24 +814,28 @@ def specializations() -> Iterator[KernelSpec]:
     for dtype in dtypes:
         yield _spec(batch_norm_bwd_kernel, dtype, 16, TRAINING=True, ACTIVATION=tanh, **tall)
     yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=False, ACTIVATION=relu, **wide)
-    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=True, ACTIVATION=none, Y_ptr=None, W_ptr=None, **wide)
+    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=True, ACTIVATION=none, Y_ptr=None, W_ptr=None,
+                **wide)
     yield _spec(batch_norm_bwd_kernel, f32, 16, three_d=True, TRAINING=True, ACTIVATION=tanh, **cube)
 
     for dtype in dtypes:
         yield _spec(batch_norm_fwd_partial_kernel, dtype, 16, **split)
     yield _spec(batch_norm_fwd_partial_kernel, f32, 16, three_d=True, **split_3d)
 
-    combine = dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C)
-    yield _spec(batch_norm_fwd_combine_kernel, f32, 4, hot=False, **combine)
+    combine = {"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
+    for dtype in dtypes:  # x is read for its first row only
+        yield _spec(batch_norm_fwd_combine_kernel, dtype, 4, hot=False, **combine)
     yield _spec(batch_norm_fwd_combine_kernel, f32, 4, hot=False, **combine, **no_running)
 
     for dtype in dtypes:
         yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=False, ACTIVATION=tanh,
                     RunningMean_ptr=None, RunningVar_ptr=None, **split)
-        yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=True, ACTIVATION=none, **split)
-    yield _spec(batch_norm_fwd_apply_kernel, f32, 16, USE_RUNNING_STATS=True, ACTIVATION=relu, **split, **no_affine)
+        yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=True, ACTIVATION=none,
+                    ShiftedMean_ptr=None, **split)
+    yield _spec(batch_norm_fwd_apply_kernel, f32, 16, USE_RUNNING_STATS=True, ACTIVATION=relu,
+                ShiftedMean_ptr=None, **split, **no_affine)
     yield _spec(batch_norm_fwd_apply_kernel, f32, 16, three_d=True, USE_RUNNING_STATS=True, ACTIVATION=tanh,
-                **split_3d)
+                ShiftedMean_ptr=None, **split_3d)
 
     for dtype in dtypes:
         yield _spec(batch_norm_bwd_partial_kernel, dtype, 16, ACTIVATION=tanh, **split)
@@ -804,4 +848,5 @@ def specializations() -> Iterator[KernelSpec]:
         yield _spec(batch_norm_bwd_apply_kernel, dtype, 16, TRAINING=True, ACTIVATION=tanh, **split)
     yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=False, ACTIVATION=none, Y_ptr=None, **split)
     yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=True, ACTIVATION=relu, W_ptr=None, **split)
-    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, three_d=True, TRAINING=False, ACTIVATION=tanh, **split_3d)
+    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, three_d=True, TRAINING=False, ACTIVATION=tanh,
+                **split_3d)

@@ -24,21 +24,25 @@ just read is meant to hit L2). Everything stays on the device: no host sync, det
 
 Byte model (b = bytes per logit, per call with a gradient):
     forward, C <= 16384:  read M*C*b logits + write M*C*b gradient   (+ M*8 targets, + C*4 weights)
-    forward, C  > 16384:  read 2*M*C*b (the second sweep hits L2 for the row) + write M*C*b
+    forward, C  > 16384:  read 2*M*C*b + write M*C*b; the second sweep re-reads a row this program has
+                          just read, meant to hit L2 so that DRAM sees ~M*C*b of reads (to be measured
+                          on a GPU). Without a gradient and without smoothing there is no second sweep.
     backward:             0 bytes where grad_output == 1, else read + write M*C*b in place
-Probability targets add M*C*b of target reads (twice in the two-sweep regime).
+"mean" over several programs adds one read of the M targets (denominator kernel); probability targets
+add M*C*b of target reads (twice in the two-sweep regime).
 
 Out-of-range index targets (not ignore_index, outside [0, C)) are clamped for every read and make their
 row's loss and gradient nan, and the "mean" denominator nan: no device assert, no host sync.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-
 from fused_ops.kernels.spec import KernelSpec
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
@@ -49,7 +53,8 @@ REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _target_weight(T_ptr, W_ptr, rows, row_mask, stride_tm, C, ignore_index, HAS_WEIGHT: tl.constexpr):
-    """Index targets of `rows` -> (y clamped into [0, C), active = not ignored, w[y_i] or 0; nan if out of range)."""
+    """Index targets of `rows` -> (y clamped into [0, C), active: not ignored, w[y_i]: 0 if ignored,
+    nan if out of range)."""
     y = tl.load(T_ptr + rows * stride_tm, mask=row_mask, other=ignore_index)
     active = row_mask & (y != ignore_index)
     out_of_range = (y < 0) | (y >= C)
@@ -104,6 +109,7 @@ def cross_entropy_fwd_kernel(
     BLOCK_C: tl.constexpr,
     DENOM_BLOCK: tl.constexpr,  # >= num_denom_partials
 ):
+    """Rows [pid * BLOCK_N, (pid + 1) * BLOCK_N) of (M, C) logits: loss, and the gradient when write_grad."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: rows * stride never overflows
     row_mask = rows < M
@@ -122,14 +128,15 @@ def cross_entropy_fwd_kernel(
 
     # Reduction scale, on the device: mean over targets divides by sum_i w[y_i] (nan when it is 0, as torch).
     scale = inv_rows
-    if not PROB_TARGET:
-        if reduction == 2:
-            if tl.num_programs(0) == 1:
-                denom = tl.sum(w_y, axis=0)  # this program holds every row
-            else:
-                offs = tl.arange(0, DENOM_BLOCK)
-                denom = tl.sum(tl.load(DenomPartial_ptr + offs, mask=offs < num_denom_partials, other=0.0), axis=0)
-            scale = tl.where(denom == 0.0, float("nan"), 1.0 / denom)
+    if (not PROB_TARGET) and (reduction == 2):
+        if tl.num_programs(0) == 1:
+            denom = tl.sum(w_y, axis=0)  # this program holds every row
+        else:
+            offs = tl.arange(0, DENOM_BLOCK)
+            denom = tl.sum(
+                tl.load(DenomPartial_ptr + offs, mask=offs < num_denom_partials, other=0.0), axis=0
+            )
+        scale = tl.where(denom == 0.0, float("nan"), 1.0 / denom)
 
     if SINGLE_PASS:
         cols = tl.arange(0, BLOCK_C)
@@ -143,7 +150,9 @@ def cross_entropy_fwd_kernel(
         neg_logp = lse[:, None] - z  # -log softmax; masked lanes are inf and always masked below
         if PROB_TARGET:
             t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            q = tl.where(mask, w[None, :] * ((1.0 - eps) * t + eps / C), 0.0)  # q_ic = w_c((1-eps)p_ic + eps/C)
+            q = tl.where(
+                mask, w[None, :] * ((1.0 - eps) * t + eps / C), 0.0
+            )  # q_ic = w_c((1-eps)p_ic + eps/C)
             sum_q = tl.sum(q, axis=1)
             loss = tl.sum(tl.where(mask, q * neg_logp, 0.0), axis=1)  # -sum_c q_ic logp_ic
         else:
@@ -178,11 +187,11 @@ def cross_entropy_fwd_kernel(
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)  # s = sum exp(z - m)
             m = m_new
             w_total += tl.sum(w, axis=0)
-            if not PROB_TARGET:
-                z_y += tl.sum(tl.where((cols[None, :] == y[:, None]) & mask, z, 0.0), axis=1)
             if PROB_TARGET:
                 t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 sum_q += tl.sum(tl.where(mask, w[None, :] * ((1.0 - eps) * t + eps / C), 0.0), axis=1)
+            else:
+                z_y += tl.sum(tl.where((cols[None, :] == y[:, None]) & mask, z, 0.0), axis=1)  # target logit
         lse = tl.where(m == NEG_INF, 0.0, m) + tl.log(s)
         if not PROB_TARGET:
             sum_q = (1.0 - eps) * w_y + eps / C * w_total
@@ -242,6 +251,7 @@ def cross_entropy_denom_kernel(
     HAS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """DenomPartial[pid] = sum of w[y_i] over rows [pid * rows_per_program, (pid + 1) * rows_per_program)."""
     pid = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in range(0, rows_per_program, BLOCK_N):
@@ -261,6 +271,7 @@ def cross_entropy_finish_kernel(
     # constexprs
     BLOCK: tl.constexpr,
 ):
+    """Out = sum of the (num_partials,) partials, always in the same order."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i0 in range(0, num_partials, BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
@@ -283,6 +294,7 @@ def cross_entropy_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Tile (BLOCK_N rows, BLOCK_C columns) of the (M, C) gradient: grad *= grad_output of its row."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     scale = tl.load(Scale_ptr + rows * stride_s, mask=row_mask, other=1.0).to(tl.float32)
@@ -300,19 +312,20 @@ def cross_entropy_bwd_kernel(
 # Launch settings.
 # ----------------------------------------------------------------------------------------------------
 class ForwardSettings(NamedTuple):
-    max_classes: int  # this rung serves C <= max_classes
+    max_classes: int | None  # this rung serves C <= max_classes (None: any C)
     BLOCK_N: int
     BLOCK_C: int
     SINGLE_PASS: bool
     num_warps: int
 
 
-# Tiles of 4096 elements for small C (many rows per program), whole rows up to 16384 classes, then
-# two sweeps over 4096-column blocks. Fixed rungs keep the number of compiled variants small.
+# Many rows per program for small C (tiles of 2048 and 4096), a whole row per program up to 16384
+# classes, then two sweeps over 4096-column blocks. Warps are set so that no variant spills registers
+# on sm_80 or sm_90 (tests/test_kernel_compile.py); fixed rungs keep the compiled variants few (58).
 FORWARD_LADDER = (
     ForwardSettings(32, 64, 32, True, 8),
     ForwardSettings(1024, 4, 1024, True, 8),
-    ForwardSettings(16384, 1, 16384, True, 32),
+    ForwardSettings(16384, 1, 16384, True, 16),
     ForwardSettings(None, 1, 4096, False, 8),
 )
 BACKWARD_LADDER = (  # (max_classes, BLOCK_N, BLOCK_C, num_warps)
@@ -335,7 +348,9 @@ def _check_classes(num_classes: int) -> None:
 def forward_settings(num_classes: int) -> ForwardSettings:
     """The first rung of FORWARD_LADDER that holds C classes. Deterministic; raises past MAX_CLASSES."""
     _check_classes(num_classes)
-    return next(rung for rung in FORWARD_LADDER if rung.max_classes is None or num_classes <= rung.max_classes)
+    return next(
+        rung for rung in FORWARD_LADDER if rung.max_classes is None or num_classes <= rung.max_classes
+    )
 
 
 def backward_settings(num_classes: int) -> tuple[int, int, int]:
@@ -387,31 +402,59 @@ def cross_entropy_forward(
     num_denom_partials = 0
     if code == 2 and not prob and num_programs > 1:
         num_denom_partials = min(DENOM_BLOCK, triton.cdiv(num_rows, DENOM_ROWS_PER_PROGRAM))
-        rows_per_program = triton.cdiv(triton.cdiv(num_rows, num_denom_partials), DENOM_BLOCK_N) * DENOM_BLOCK_N
+        rows_per_program = (
+            triton.cdiv(triton.cdiv(num_rows, num_denom_partials), DENOM_BLOCK_N) * DENOM_BLOCK_N
+        )
         num_denom_partials = triton.cdiv(num_rows, rows_per_program)
         denom_partial = torch.empty(num_denom_partials, dtype=torch.float32, device=device)
         cross_entropy_denom_kernel[(num_denom_partials,)](
-            T_ptr=target, W_ptr=partial if weight is None else weight, DenomPartial_ptr=denom_partial,
-            stride_tm=target.stride(0), M=num_rows, C=num_classes, ignore_index=ignore_index,
-            rows_per_program=rows_per_program, HAS_WEIGHT=weight is not None, BLOCK_N=DENOM_BLOCK_N,
+            T_ptr=target,
+            W_ptr=partial if weight is None else weight,
+            DenomPartial_ptr=denom_partial,
+            stride_tm=target.stride(0),
+            M=num_rows,
+            C=num_classes,
+            ignore_index=ignore_index,
+            rows_per_program=rows_per_program,
+            HAS_WEIGHT=weight is not None,
+            BLOCK_N=DENOM_BLOCK_N,
         )
 
     cross_entropy_fwd_kernel[(num_programs,)](
-        X_ptr=logits, T_ptr=target, W_ptr=partial if weight is None else weight,
-        Grad_ptr=logits if grad is None else grad, Loss_ptr=out, Out_ptr=out, Partial_ptr=partial,
+        X_ptr=logits,
+        T_ptr=target,
+        W_ptr=partial if weight is None else weight,
+        Grad_ptr=logits if grad is None else grad,
+        Loss_ptr=out,
+        Out_ptr=out,
+        Partial_ptr=partial,
         DenomPartial_ptr=denom_partial,
-        stride_xm=logits.stride(0), stride_tm=target.stride(0),
+        stride_xm=logits.stride(0),
+        stride_tm=target.stride(0),
         stride_gm=logits.stride(0) if grad is None else grad.stride(0),
-        M=num_rows, C=num_classes, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
-        inv_rows=1.0 / num_rows if prob and code == 2 else 1.0, num_denom_partials=num_denom_partials,
-        reduction=code, write_grad=int(grad is not None),
-        HAS_WEIGHT=weight is not None, PROB_TARGET=prob, SINGLE_PASS=settings.SINGLE_PASS,
-        BLOCK_N=settings.BLOCK_N, BLOCK_C=settings.BLOCK_C, DENOM_BLOCK=DENOM_BLOCK,
+        M=num_rows,
+        C=num_classes,
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        inv_rows=1.0 / num_rows if prob and code == 2 else 1.0,
+        num_denom_partials=num_denom_partials,
+        reduction=code,
+        write_grad=int(grad is not None),
+        HAS_WEIGHT=weight is not None,
+        PROB_TARGET=prob,
+        SINGLE_PASS=settings.SINGLE_PASS,
+        BLOCK_N=settings.BLOCK_N,
+        BLOCK_C=settings.BLOCK_C,
+        DENOM_BLOCK=DENOM_BLOCK,
         num_warps=settings.num_warps,
     )
     if code != 0 and num_programs > 1:
         cross_entropy_finish_kernel[(1,)](
-            Partial_ptr=partial, Out_ptr=out, num_partials=num_programs, BLOCK=FINISH_BLOCK, num_warps=4,
+            Partial_ptr=partial,
+            Out_ptr=out,
+            num_partials=num_programs,
+            BLOCK=FINISH_BLOCK,
+            num_warps=4,
         )
     return out
 
@@ -424,9 +467,15 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> Non
     block_n, block_c, num_warps = backward_settings(num_classes)
     grid = (triton.cdiv(num_rows, block_n), triton.cdiv(num_classes, block_c))
     cross_entropy_bwd_kernel[grid](
-        Grad_ptr=grad, Scale_ptr=grad_output,
-        stride_gm=grad.stride(0), stride_s=grad_output.stride(0) if grad_output.dim() else 0,
-        M=num_rows, C=num_classes, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
+        Grad_ptr=grad,
+        Scale_ptr=grad_output,
+        stride_gm=grad.stride(0),
+        stride_s=grad_output.stride(0) if grad_output.dim() else 0,
+        M=num_rows,
+        C=num_classes,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
 
 
@@ -440,29 +489,68 @@ def specializations() -> Iterator[KernelSpec]:
             for has_weight in (False, True):
                 for prob in (False, True):
                     signature = {
-                        "X_ptr": f"*{dtype}", "T_ptr": f"*{dtype}" if prob else "*i64", "W_ptr": "*fp32",
-                        "Grad_ptr": f"*{dtype}", "Loss_ptr": f"*{dtype}", "Out_ptr": f"*{dtype}",
-                        "Partial_ptr": "*fp32", "DenomPartial_ptr": "*fp32",
-                        "stride_xm": "i32", "stride_tm": "i32", "stride_gm": "i32",
-                        "M": "i32", "C": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-                        "inv_rows": "fp32", "num_denom_partials": "i32", "reduction": "i32", "write_grad": "i32",
+                        "X_ptr": f"*{dtype}",
+                        "T_ptr": f"*{dtype}" if prob else "*i64",
+                        "W_ptr": "*fp32",
+                        "Grad_ptr": f"*{dtype}",
+                        "Loss_ptr": f"*{dtype}",
+                        "Out_ptr": f"*{dtype}",
+                        "Partial_ptr": "*fp32",
+                        "DenomPartial_ptr": "*fp32",
+                        "stride_xm": "i32",
+                        "stride_tm": "i32",
+                        "stride_gm": "i32",
+                        "M": "i32",
+                        "C": "i32",
+                        "ignore_index": "i32",
+                        "label_smoothing": "fp32",
+                        "inv_rows": "fp32",
+                        "num_denom_partials": "i32",
+                        "reduction": "i32",
+                        "write_grad": "i32",
                     }
                     constexprs = {
-                        "HAS_WEIGHT": has_weight, "PROB_TARGET": prob, "SINGLE_PASS": rung.SINGLE_PASS,
-                        "BLOCK_N": rung.BLOCK_N, "BLOCK_C": rung.BLOCK_C, "DENOM_BLOCK": DENOM_BLOCK,
+                        "HAS_WEIGHT": has_weight,
+                        "PROB_TARGET": prob,
+                        "SINGLE_PASS": rung.SINGLE_PASS,
+                        "BLOCK_N": rung.BLOCK_N,
+                        "BLOCK_C": rung.BLOCK_C,
+                        "DENOM_BLOCK": DENOM_BLOCK,
                     }
-                    signature.update({name: "constexpr" for name in constexprs})
+                    signature.update(dict.fromkeys(constexprs, "constexpr"))
                     yield KernelSpec(cross_entropy_fwd_kernel, signature, constexprs, rung.num_warps)
         for _, block_n, block_c, num_warps in BACKWARD_LADDER:
             constexprs = {"BLOCK_N": block_n, "BLOCK_C": block_c}
-            signature = {"Grad_ptr": f"*{dtype}", "Scale_ptr": f"*{dtype}", "stride_gm": "i32",
-                         "stride_s": "i32", "M": "i32", "C": "i32", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
+            signature = {
+                "Grad_ptr": f"*{dtype}",
+                "Scale_ptr": f"*{dtype}",
+                "stride_gm": "i32",
+                "stride_s": "i32",
+                "M": "i32",
+                "C": "i32",
+                "BLOCK_N": "constexpr",
+                "BLOCK_C": "constexpr",
+            }
             yield KernelSpec(cross_entropy_bwd_kernel, signature, constexprs, num_warps)
-        signature = {"Partial_ptr": "*fp32", "Out_ptr": f"*{dtype}", "num_partials": "i32", "BLOCK": "constexpr"}
+        signature = {
+            "Partial_ptr": "*fp32",
+            "Out_ptr": f"*{dtype}",
+            "num_partials": "i32",
+            "BLOCK": "constexpr",
+        }
         yield KernelSpec(cross_entropy_finish_kernel, signature, {"BLOCK": FINISH_BLOCK}, 4, hot=False)
     for has_weight in (False, True):
         constexprs = {"HAS_WEIGHT": has_weight, "BLOCK_N": DENOM_BLOCK_N}
-        signature = {"T_ptr": "*i64", "W_ptr": "*fp32", "DenomPartial_ptr": "*fp32", "stride_tm": "i32",
-                     "M": "i32", "C": "i32", "ignore_index": "i32", "rows_per_program": "i32",
-                     "HAS_WEIGHT": "constexpr", "BLOCK_N": "constexpr"}
+        signature = {
+            "T_ptr": "*i64",
+            "W_ptr": "*fp32",
+            "DenomPartial_ptr": "*fp32",
+            "stride_tm": "i32",
+            "M": "i32",
+            "C": "i32",
+            "ignore_index": "i32",
+            "rows_per_program": "i32",
+            "HAS_WEIGHT": "constexpr",
+            "BLOCK_N": "constexpr",
+        }
         yield KernelSpec(cross_entropy_denom_kernel, signature, constexprs, 4, hot=False)

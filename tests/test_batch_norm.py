@@ -5,6 +5,7 @@ Covers: values and .grad over the option grid in float32, running stats over sev
 formula, the fused activation, bad input (and that nothing changed), state_dict round trips, fp16/bf16
 against torch's own error, N = 0, and the absence of host syncs.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from fused_ops.backend import use_backend
 # Shapes: (32, 27) makemore's batch with an odd C; (2, 5) the smallest trainable batch; (5, 3, 7) an
 # (N, C, L) input reduced over N and L; (1, 4, 3) a 3-D input with N = 1 (still 3 values per channel).
 SHAPES = [(32, 27), (2, 5), (5, 3, 7), (1, 4, 3)]
-F32 = dict(atol=1e-5, rtol=1e-4)
+F32 = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def make_inputs(shape, dtype=torch.float32, affine=True, running=True, param_dtype=None):
@@ -25,7 +26,7 @@ def make_inputs(shape, dtype=torch.float32, affine=True, running=True, param_dty
     c = shape[1]
     param_dtype = param_dtype or dtype
     x = (torch.randn(shape) * 2 + 3).to(dtype).requires_grad_()
-    out = dict(x=x, weight=None, bias=None, running_mean=None, running_var=None)
+    out = {"x": x, "weight": None, "bias": None, "running_mean": None, "running_var": None}
     if affine:
         out["weight"] = (torch.rand(c) + 0.5).to(param_dtype).requires_grad_()
         out["bias"] = torch.randn(c).to(param_dtype).requires_grad_()
@@ -36,13 +37,23 @@ def make_inputs(shape, dtype=torch.float32, affine=True, running=True, param_dty
 
 
 def clone_inputs(inputs):
-    return {k: None if v is None else v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    return {
+        k: None if v is None else v.detach().clone().requires_grad_(v.requires_grad)
+        for k, v in inputs.items()
+    }
 
 
 def run(fn, inputs, training, dy=None, **kwargs):
     """Forward + backward through `fn` (F.batch_norm-like); returns y and the leaves after backward."""
-    y = fn(inputs["x"], inputs["running_mean"], inputs["running_var"], inputs["weight"], inputs["bias"],
-           training=training, **kwargs)
+    y = fn(
+        inputs["x"],
+        inputs["running_mean"],
+        inputs["running_var"],
+        inputs["weight"],
+        inputs["bias"],
+        training=training,
+        **kwargs,
+    )
     y.backward(dy if dy is not None else torch.ones_like(y))
     return y
 
@@ -67,8 +78,11 @@ def torch_backend():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-@pytest.mark.parametrize("training,running", [(True, True), (True, False), (False, True)],
-                         ids=["train", "train_no_running", "eval"])
+@pytest.mark.parametrize(
+    "training,running",
+    [(True, True), (True, False), (False, True)],
+    ids=["train", "train_no_running", "eval"],
+)
 def test_matches_functional(shape, affine, training, running):
     ours = make_inputs(shape, affine=affine, running=running)
     ref = clone_inputs(ours)
@@ -78,8 +92,11 @@ def test_matches_functional(shape, affine, training, running):
     torch.testing.assert_close(y, y_ref, **F32)
     assert_same(grads(ours), grads(ref), **F32)
     if running:
-        assert_same({k: ours[k] for k in ("running_mean", "running_var")},
-                    {k: ref[k] for k in ("running_mean", "running_var")}, **F32)
+        assert_same(
+            {k: ours[k] for k in ("running_mean", "running_var")},
+            {k: ref[k] for k in ("running_mean", "running_var")},
+            **F32,
+        )
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
@@ -98,13 +115,30 @@ def test_non_contiguous_input_and_grad(layout):
     torch.testing.assert_close(ours["running_var"], ref["running_var"], **F32)
 
 
+@pytest.mark.parametrize("given", ["weight", "bias"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_weight_or_bias_alone(given, training):
+    ours = make_inputs((12, 5, 3))
+    ours["bias" if given == "weight" else "weight"] = None
+    ref = clone_inputs(ours)
+    dy = torch.randn(12, 5, 3)
+    y = run(fused_ops.batch_norm, ours, training, dy)
+    torch.testing.assert_close(y, run(F.batch_norm, ref, training, dy), **F32)
+    assert_same(grads(ours), grads(ref), **F32)
+
+
 def test_constant_columns():
     """var = 0: invstd = 1/sqrt(eps), xhat = 0; gradients stay finite and match torch."""
     x = torch.randn(16, 6)
     x[:, 2] = 4.0
     x[:, 5] = -1.5
-    ours = dict(x=x.clone().requires_grad_(), weight=torch.rand(6).requires_grad_(), bias=torch.randn(6).requires_grad_(),
-                running_mean=torch.zeros(6), running_var=torch.ones(6))
+    ours = {
+        "x": x.clone().requires_grad_(),
+        "weight": torch.rand(6).requires_grad_(),
+        "bias": torch.randn(6).requires_grad_(),
+        "running_mean": torch.zeros(6),
+        "running_var": torch.ones(6),
+    }
     ref = clone_inputs(ours)
     dy = torch.randn(16, 6)
     y = run(fused_ops.batch_norm, ours, True, dy)
@@ -126,7 +160,7 @@ def test_momentum_tensor_equals_float():
 @pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3), (3, 4, 0)], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_input_matches_torch(shape, training):
-    """PyTorch: empty output, running stats untouched, zero dweight/dbias; the module still counts the batch."""
+    """As PyTorch: empty output, running stats untouched, zero dweight/dbias; the module counts the batch."""
     ours = make_inputs(shape)
     ref = clone_inputs(ours)
     y = run(fused_ops.batch_norm, ours, training)
@@ -145,8 +179,9 @@ def test_empty_input_matches_torch(shape, training):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
 @pytest.mark.parametrize("shape", [(32, 27), (4, 6, 5)], ids=str)
-@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)],
-                         ids=["affine", "no_affine", "no_tracking"])
+@pytest.mark.parametrize(
+    "affine,track", [(True, True), (False, True), (True, False)], ids=["affine", "no_affine", "no_tracking"]
+)
 def test_module_steps_then_eval(momentum, shape, affine, track):
     c = shape[1]
     ours = fused_ops.BatchNorm1d(c, momentum=momentum, affine=affine, track_running_stats=track)
@@ -198,7 +233,10 @@ def test_eval_backward_closed_form():
 
 
 def test_eval_with_track_running_stats_false_uses_batch_stats():
-    ours, ref = fused_ops.BatchNorm1d(5, track_running_stats=False).eval(), nn.BatchNorm1d(5, track_running_stats=False).eval()
+    ours, ref = (
+        fused_ops.BatchNorm1d(5, track_running_stats=False).eval(),
+        nn.BatchNorm1d(5, track_running_stats=False).eval(),
+    )
     x = torch.randn(10, 5) * 3
     torch.testing.assert_close(ours(x), ref(x), **F32)
 
@@ -222,12 +260,30 @@ def test_momentum_none_has_no_host_sync():
         torch.ones(()).item()
 
 
+def test_module_traces_with_torch_compile():
+    """fullgraph: no graph break (no host sync, no data-dependent branch) in forward or backward."""
+    m = fused_ops.BatchNorm1d(6, momentum=None, activation="tanh")
+    ref = nn.BatchNorm1d(6, momentum=None)
+    ref.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(8, 6) * 2 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled(x1).sum().backward()
+        torch.tanh(ref(x2)).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, **F32)
+    assert_same(m.state_dict(), ref.state_dict(), **F32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # float64 gradcheck and the notebook's unbiased formula
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4)], ids=str)
-@pytest.mark.parametrize("training,unbiased", [(True, False), (True, True), (False, False)],
-                         ids=["train", "train_unbiased", "eval"])
+@pytest.mark.parametrize(
+    "training,unbiased",
+    [(True, False), (True, True), (False, False)],
+    ids=["train", "train_unbiased", "eval"],
+)
 @pytest.mark.parametrize("activation", [None, "tanh", "relu"])
 def test_gradcheck_float64(shape, training, unbiased, activation):
     c = shape[1]
@@ -237,8 +293,9 @@ def test_gradcheck_float64(shape, training, unbiased, activation):
     rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
 
     def fn(x, w, b):  # fresh running stats each call: training mode updates them in place
-        return fused_ops.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
-                                    unbiased=unbiased, activation=activation)
+        return fused_ops.batch_norm(
+            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, unbiased=unbiased, activation=activation
+        )
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
@@ -255,7 +312,9 @@ def notebook_batch_norm(hprebn, bngain, bnbias):
     return bngain * bnraw + bnbias
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(atol=1e-12, rtol=1e-10)), (torch.float32, F32)], ids=str)
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float64, {"atol": 1e-12, "rtol": 1e-10}), (torch.float32, F32)], ids=str
+)
 def test_unbiased_matches_notebook(dtype, tol):
     x64 = torch.randn(32, 64, dtype=torch.float64) * 2 + 1
     w64, b64 = torch.randn(64, dtype=torch.float64) * 0.1 + 1, torch.randn(64, dtype=torch.float64) * 0.1
@@ -297,8 +356,11 @@ def test_activation_matches_unfused(activation, torch_fn, shape, training):
     ref = clone_inputs(ours)
     dy = torch.randn(shape)
     y = run(fused_ops.batch_norm, ours, training, dy, activation=activation)
-    y_ref = torch_fn(F.batch_norm(ref["x"], ref["running_mean"], ref["running_var"], ref["weight"], ref["bias"],
-                                  training=training))
+    y_ref = torch_fn(
+        F.batch_norm(
+            ref["x"], ref["running_mean"], ref["running_var"], ref["weight"], ref["bias"], training=training
+        )
+    )
     y_ref.backward(dy)
     torch.testing.assert_close(y, y_ref, **F32)
     assert_same(grads(ours), grads(ref), **F32)
@@ -331,7 +393,10 @@ def test_low_precision_against_torch_error(dtype, atol, param_dtype, training):
     dy = torch.randn(shape).to(dtype)
 
     def cast(inputs, xd, pd):
-        return {k: v.detach().to(xd if k == "x" else pd).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+        return {
+            k: v.detach().to(xd if k == "x" else pd).requires_grad_(v.requires_grad)
+            for k, v in inputs.items()
+        }
 
     ref = cast(base, torch.float32, torch.float32)
     y_ref = run(F.batch_norm, ref, training, dy.float())
@@ -344,7 +409,9 @@ def test_low_precision_against_torch_error(dtype, atol, param_dtype, training):
     def err(a, b):
         return (a.float() - b.float()).abs().max().item()
 
-    pairs = [(y, y_torch, y_ref)] + [(ours[k].grad, theirs[k].grad, ref[k].grad) for k in ("x", "weight", "bias")]
+    pairs = [(y, y_torch, y_ref)] + [
+        (ours[k].grad, theirs[k].grad, ref[k].grad) for k in ("x", "weight", "bias")
+    ]
     pairs += [(ours[k], theirs[k], ref[k]) for k in ("running_mean", "running_var")]
     for got, torch_got, exp in pairs:
         scale = exp.abs().max().item() + 1
@@ -360,30 +427,49 @@ def _bad_cases():
     w, b = torch.ones(4), torch.zeros(4)
     meta = torch.device("meta")
     return {
-        "one value per channel": (dict(input=torch.randn(1, 4)), ValueError, "more than 1 value per channel"),
-        "one value per channel 3d": (dict(input=torch.randn(1, 4, 1)), ValueError, "more than 1 value per channel"),
-        "running_mean shape": (dict(running_mean=torch.zeros(5)), ValueError, "running_mean"),
-        "running_var shape": (dict(running_var=torch.ones(4, 1)), ValueError, "running_var"),
-        "running_mean dtype": (dict(running_mean=torch.zeros(4, dtype=torch.float64)), TypeError, "running_mean"),
-        "running_var dtype": (dict(running_var=torch.ones(4, dtype=torch.float16)), TypeError, "running_var"),
-        "running stats half None": (dict(running_var=None), ValueError, "running_mean and running_var"),
-        "eval without running stats": (dict(running_mean=None, running_var=None, training=False), ValueError,
-                                       "running_mean"),
-        "ndim 1": (dict(input=torch.randn(4)), ValueError, "input"),
-        "ndim 4": (dict(input=torch.randn(2, 4, 3, 3)), ValueError, "input"),
-        "weight shape": (dict(weight=torch.ones(3)), ValueError, "weight"),
-        "bias shape": (dict(bias=torch.zeros(4, 1)), ValueError, "bias"),
-        "weight dtype": (dict(weight=torch.ones(4, dtype=torch.float64)), TypeError, "weight"),
-        "non-float input": (dict(input=torch.randint(0, 5, (8, 4))), TypeError, "input"),
-        "bool input": (dict(input=torch.ones(8, 4, dtype=torch.bool)), TypeError, "input"),
-        "weight device": (dict(weight=torch.ones(4, device=meta)), ValueError, "weight"),
-        "running_mean device": (dict(running_mean=torch.zeros(4, device=meta)), ValueError, "running_mean"),
-        "momentum device": (dict(momentum=torch.tensor(0.1, device=meta)), ValueError, "momentum"),
-        "momentum shape": (dict(momentum=torch.tensor([0.1])), TypeError, "momentum"),
-        "momentum None": (dict(momentum=None), TypeError, "momentum"),
-        "unknown activation": (dict(activation="gelu"), ValueError, "activation"),
-        "unbiased not bool": (dict(unbiased="yes"), TypeError, "unbiased"),
-    }, dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, training=True, momentum=0.1)
+        "one value per channel": ({"input": torch.randn(1, 4)}, ValueError, "more than 1 value per channel"),
+        "one value per channel 3d": (
+            {"input": torch.randn(1, 4, 1)},
+            ValueError,
+            "more than 1 value per channel",
+        ),
+        "running_mean shape": ({"running_mean": torch.zeros(5)}, ValueError, "running_mean"),
+        "running_var shape": ({"running_var": torch.ones(4, 1)}, ValueError, "running_var"),
+        "running_mean dtype": (
+            {"running_mean": torch.zeros(4, dtype=torch.float64)},
+            TypeError,
+            "running_mean",
+        ),
+        "running_var dtype": ({"running_var": torch.ones(4, dtype=torch.float16)}, TypeError, "running_var"),
+        "running stats half None": ({"running_var": None}, ValueError, "running_mean and running_var"),
+        "eval without running stats": (
+            {"running_mean": None, "running_var": None, "training": False},
+            ValueError,
+            "running_mean",
+        ),
+        "ndim 1": ({"input": torch.randn(4)}, ValueError, "input"),
+        "ndim 4": ({"input": torch.randn(2, 4, 3, 3)}, ValueError, "input"),
+        "weight shape": ({"weight": torch.ones(3)}, ValueError, "weight"),
+        "bias shape": ({"bias": torch.zeros(4, 1)}, ValueError, "bias"),
+        "weight dtype": ({"weight": torch.ones(4, dtype=torch.float64)}, TypeError, "weight"),
+        "non-float input": ({"input": torch.randint(0, 5, (8, 4))}, TypeError, "input"),
+        "bool input": ({"input": torch.ones(8, 4, dtype=torch.bool)}, TypeError, "input"),
+        "weight device": ({"weight": torch.ones(4, device=meta)}, ValueError, "weight"),
+        "running_mean device": ({"running_mean": torch.zeros(4, device=meta)}, ValueError, "running_mean"),
+        "momentum device": ({"momentum": torch.tensor(0.1, device=meta)}, ValueError, "momentum"),
+        "momentum shape": ({"momentum": torch.tensor([0.1])}, TypeError, "momentum"),
+        "momentum None": ({"momentum": None}, TypeError, "momentum"),
+        "unknown activation": ({"activation": "gelu"}, ValueError, "activation"),
+        "unbiased not bool": ({"unbiased": "yes"}, TypeError, "unbiased"),
+    }, {
+        "input": x,
+        "running_mean": rm,
+        "running_var": rv,
+        "weight": w,
+        "bias": b,
+        "training": True,
+        "momentum": 0.1,
+    }
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()[0]))
@@ -392,19 +478,25 @@ def test_bad_input_raises_and_changes_nothing(case):
     change, exc, match = cases[case]
     args = {**good, **change}
     kwargs = {k: args.pop(k) for k in ("activation", "unbiased") if k in args}
-    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    before = {
+        k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"
+    }
     with pytest.raises(exc, match=match):
         fused_ops.batch_norm(**args, **kwargs)
     for k, v in before.items():
         assert torch.equal(args[k], v), f"{k} changed"
 
 
-@pytest.mark.parametrize("bad_input,exc,match", [
-    (torch.randn(1, 4), ValueError, "more than 1 value per channel"),
-    (torch.randn(8, 5), ValueError, "running_mean"),
-    (torch.randn(8, 4, 2, 2), ValueError, "input"),
-    (torch.randint(0, 3, (8, 4)), TypeError, "input"),
-], ids=["one value", "wrong C", "ndim 4", "int input"])
+@pytest.mark.parametrize(
+    "bad_input,exc,match",
+    [
+        (torch.randn(1, 4), ValueError, "more than 1 value per channel"),
+        (torch.randn(8, 5), ValueError, "running_mean"),
+        (torch.randn(8, 4, 2, 2), ValueError, "input"),
+        (torch.randint(0, 3, (8, 4)), TypeError, "input"),
+    ],
+    ids=["one value", "wrong C", "ndim 4", "int input"],
+)
 def test_module_bad_input_keeps_state(bad_input, exc, match):
     m = fused_ops.BatchNorm1d(4, momentum=None)
     m(torch.randn(8, 4))
@@ -423,8 +515,11 @@ def test_module_unknown_activation():
 # ----------------------------------------------------------------------------------------------------
 # state_dict round trips with torch's BatchNorm1d
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(track_running_stats=False), dict(momentum=None)],
-                         ids=["default", "no_affine", "no_tracking", "cumulative"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}],
+    ids=["default", "no_affine", "no_tracking", "cumulative"],
+)
 def test_state_dict_round_trips(kwargs, tmp_path):
     torch_model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
     fused_model = nn.Sequential(nn.Linear(3, 6), fused_ops.BatchNorm1d(6, **kwargs))
@@ -444,4 +539,3 @@ def test_state_dict_round_trips(kwargs, tmp_path):
     back = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
     back.load_state_dict(fused_model.state_dict())
     assert_same(back.state_dict(), fused_model.state_dict())
-

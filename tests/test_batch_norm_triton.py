@@ -8,6 +8,7 @@ the no-host-sync check.
 Every output the launchers allocate is poisoned with NaN first, so an element a kernel fails to
 write shows up. The split-N regime is forced on small inputs with the launchers' `max_tile`.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ needs_kernels = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreter_enabled()),
     reason="needs CUDA or TRITON_INTERPRET=1 (set before triton is imported)",
 )
-F32 = dict(atol=2e-5, rtol=1e-4)
+F32 = {"atol": 2e-5, "rtol": 1e-4}
 ACTIVATIONS = {None: lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
 
 
@@ -42,7 +43,13 @@ def poisoned(monkeypatch):
 
 
 @pytest.fixture
-def split_regime(monkeypatch):
+def small_combine_blocks(monkeypatch):
+    """Combine kernels merge 2 splits per block, so a few splits already take several blocks."""
+    monkeypatch.setattr(K, "COMBINE_BLOCK_S", 2)
+
+
+@pytest.fixture
+def split_regime(monkeypatch, small_combine_blocks):
     """Force the split-N regime end to end (module and Function) on small inputs."""
     monkeypatch.setattr(K, "MAX_TILE", 32)
 
@@ -50,29 +57,42 @@ def split_regime(monkeypatch):
 def make_case(shape, dtype=torch.float32, affine=True, running=True, mean=3.0, std=2.0):
     """Fresh random x (N, C[, L]), weight/bias, running stats and upstream gradient, on DEVICE."""
     c = shape[1]
-    gen = dict(device=DEVICE)
-    return dict(
-        x=(torch.randn(shape, **gen) * std + mean).to(dtype),
-        weight=torch.rand(c, **gen) + 0.5 if affine else None,
-        bias=torch.randn(c, **gen) if affine else None,
-        running_mean=torch.randn(c, **gen) if running else None,
-        running_var=torch.rand(c, **gen) + 0.5 if running else None,
-        dy=torch.randn(shape, **gen).to(dtype),
-    )
+    gen = {"device": DEVICE}
+    return {
+        "x": (torch.randn(shape, **gen) * std + mean).to(dtype),
+        "weight": torch.rand(c, **gen) + 0.5 if affine else None,
+        "bias": torch.randn(c, **gen) if affine else None,
+        "running_mean": torch.randn(c, **gen) if running else None,
+        "running_var": torch.rand(c, **gen) + 0.5 if running else None,
+        "dy": torch.randn(shape, **gen).to(dtype),
+    }
 
 
 def run(case, backend, training, momentum=0.1, unbiased=False, activation=None, functional=False):
     """Forward + backward on copies of `case`; returns outputs, grads and the updated running stats."""
-    leaf = {k: None if case[k] is None else case[k].clone().requires_grad_(k in ("x", "weight", "bias"))
-            for k in ("x", "weight", "bias")}
+    leaf = {
+        k: None if case[k] is None else case[k].clone().requires_grad_(k in ("x", "weight", "bias"))
+        for k in ("x", "weight", "bias")
+    }
     rm = None if case["running_mean"] is None else case["running_mean"].clone()
     rv = None if case["running_var"] is None else case["running_var"].clone()
     with use_backend(backend):
         if functional:  # torch's own op, then the activation
-            y = ACTIVATIONS[activation](F.batch_norm(leaf["x"], rm, rv, leaf["weight"], leaf["bias"], training, momentum))
+            y = ACTIVATIONS[activation](
+                F.batch_norm(leaf["x"], rm, rv, leaf["weight"], leaf["bias"], training, momentum)
+            )
         else:
-            y = fused_ops.batch_norm(leaf["x"], rm, rv, leaf["weight"], leaf["bias"], training, momentum,
-                                     unbiased=unbiased, activation=activation)
+            y = fused_ops.batch_norm(
+                leaf["x"],
+                rm,
+                rv,
+                leaf["weight"],
+                leaf["bias"],
+                training,
+                momentum,
+                unbiased=unbiased,
+                activation=activation,
+            )
         y.backward(case["dy"])
     grads = {f"d{k}": None if v is None else v.grad for k, v in leaf.items()}
     return dict(y=y.detach(), **grads, running_mean=rm, running_var=rv)
@@ -112,11 +132,14 @@ class TestKernels:
         ours = run(case, "triton", training, unbiased=unbiased, activation=activation)
         assert_all_close(ours, run(case, "torch", training, unbiased=unbiased, activation=activation), **F32)
         if not unbiased:
-            assert_all_close(ours, run(case, "torch", training, activation=activation, functional=True), **F32)
+            assert_all_close(
+                ours, run(case, "torch", training, activation=activation, functional=True), **F32
+            )
 
-    @pytest.mark.parametrize("shape,max_tile", [((40, 6), 32), ((9, 3, 13), 16)], ids=["2d", "3d"])
+    @pytest.mark.parametrize("shape,max_tile", [((40, 6), 32), ((9, 3, 13), 64)], ids=["2d", "3d"])
     @pytest.mark.parametrize("mode", ["train", "train_unbiased", "eval"])
     @pytest.mark.parametrize("activation", [None, "tanh"])
+    @pytest.mark.usefixtures("small_combine_blocks")
     def test_split_regime_launchers(self, shape, max_tile, mode, activation):
         """The partial / combine / apply kernels (several splits, a ragged last one) vs the PyTorch path."""
         training, _, unbiased = MODES[mode]
@@ -127,17 +150,44 @@ class TestKernels:
         args = (case["weight"], case["bias"])
         stats = {k: (case["running_mean"].clone(), case["running_var"].clone()) for k in ("ours", "ref")}
         momentum = torch.tensor(0.3, device=DEVICE)
-        y, mean, invstd = K.batch_norm_forward(case["x"], *args, *stats["ours"], momentum, 1e-5, training, unbiased,
-                                               activation, max_tile=max_tile)
-        y_ref, mean_ref, invstd_ref = forward_torch(case["x"], *args, *stats["ref"], momentum, 1e-5, training, unbiased,
-                                                    activation)
+        y, mean, invstd = K.batch_norm_forward(
+            case["x"],
+            *args,
+            *stats["ours"],
+            momentum,
+            1e-5,
+            training,
+            unbiased,
+            activation,
+            max_tile=max_tile,
+        )
+        y_ref, mean_ref, invstd_ref = forward_torch(
+            case["x"], *args, *stats["ref"], momentum, 1e-5, training, unbiased, activation
+        )
         back = (case["weight"], mean, invstd, training, unbiased, activation)
         dx, dw, db = K.batch_norm_backward(case["dy"], case["x"], y, *back, max_tile=max_tile)
         back_ref = (case["weight"], mean_ref, invstd_ref, training, unbiased, activation)
         dx_ref, dw_ref, db_ref = backward_torch(case["dy"], case["x"], y_ref, *back_ref)
-        got = dict(y=y, mean=mean, invstd=invstd, dx=dx, dw=dw, db=db, rm=stats["ours"][0], rv=stats["ours"][1])
-        exp = dict(y=y_ref, mean=mean_ref, invstd=invstd_ref, dx=dx_ref, dw=dw_ref, db=db_ref,
-                   rm=stats["ref"][0], rv=stats["ref"][1])
+        got = {
+            "y": y,
+            "mean": mean,
+            "invstd": invstd,
+            "dx": dx,
+            "dw": dw,
+            "db": db,
+            "rm": stats["ours"][0],
+            "rv": stats["ours"][1],
+        }
+        exp = {
+            "y": y_ref,
+            "mean": mean_ref,
+            "invstd": invstd_ref,
+            "dx": dx_ref,
+            "dw": dw_ref,
+            "db": db_ref,
+            "rm": stats["ref"][0],
+            "rv": stats["ref"][1],
+        }
         assert_all_close(got, exp, **F32)
 
     @pytest.mark.parametrize("regime", ["on_chip", "split"])
@@ -151,24 +201,31 @@ class TestKernels:
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
         ours.load_state_dict(ref.state_dict())
-        for step in range(3):
-            for train in (True,) * 3 + (False,):
-                ours.train(train), ref.train(train)
-                x = torch.randn(24, 5, device=DEVICE) * (step + 1) + step
-                dy = torch.randn(24, 5, device=DEVICE)
-                x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-                with use_backend("triton"):
-                    y1 = ours(x1)
-                    y1.backward(dy)
-                y2 = ref(x2)
-                y2.backward(dy)
-                torch.testing.assert_close(y1, y2, **F32)
-                torch.testing.assert_close(x1.grad, x2.grad, **F32)
+        for step, train in enumerate((True, True, False, True, False)):
+            ours.train(train), ref.train(train)
+            x = torch.randn(24, 5, device=DEVICE) * (step + 1) + step
+            dy = torch.randn(24, 5, device=DEVICE)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            with use_backend("triton"):
+                y1 = ours(x1)
+                y1.backward(dy)
+            y2 = ref(x2)
+            y2.backward(dy)
+            torch.testing.assert_close(y1, y2, **F32)
+            torch.testing.assert_close(x1.grad, x2.grad, **F32)
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **F32)
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **F32)
         for (name, got), exp in zip(ours.state_dict().items(), ref.state_dict().values()):
             torch.testing.assert_close(got, exp, **F32, msg=name)
-        assert ours.num_batches_tracked.item() == 9
+        assert ours.num_batches_tracked.item() == 3
+
+    @pytest.mark.parametrize("given", ["weight", "bias"])
+    @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+    def test_weight_or_bias_alone(self, given, training):
+        case = make_case((12, 5))
+        case["bias" if given == "weight" else "weight"] = None
+        ours = run(case, "triton", training, activation="relu")
+        assert_all_close(ours, run(case, "torch", training, activation="relu", functional=True), **F32)
 
     def test_no_tracking_eval_uses_batch_stats(self):
         ours = fused_ops.BatchNorm1d(6, track_running_stats=False, affine=False, device=DEVICE).eval()
@@ -209,8 +266,10 @@ class TestKernels:
         """|mean| = 1e4 * std: shifted sums keep the error below twice torch's own fp32 error."""
         if regime == "split":
             request.getfixturevalue("split_regime")
-        case = make_case((64, 8), mean=1e4, std=1.0, running=False)
-        exact = run({k: None if v is None else v.double() for k, v in case.items()}, "torch", True, functional=True)
+        case = make_case((40, 8), mean=1e4, std=1.0, running=False)
+        exact = run(
+            {k: None if v is None else v.double() for k, v in case.items()}, "torch", True, functional=True
+        )
         torch_fp32 = run(case, "torch", True, functional=True)
         ours = run(case, "triton", True)
         for k in ("y", "dx", "dweight", "dbias"):
@@ -224,8 +283,13 @@ class TestKernels:
     def test_low_precision(self, dtype, atol, training, activation):
         """fp16/bf16 x with fp32 params and stats: error vs an fp32 reference <= 2 * torch's own + atol."""
         case = make_case((32, 20), dtype=dtype)
-        exact = run({k: None if v is None else v.float() for k, v in case.items()}, "torch", training,
-                    activation=activation, functional=True)
+        exact = run(
+            {k: None if v is None else v.float() for k, v in case.items()},
+            "torch",
+            training,
+            activation=activation,
+            functional=True,
+        )
         ours = run(case, "triton", training, activation=activation)
         low = {k: v if v is None or k in ("x", "dy") else v.to(dtype) for k, v in case.items()}
         theirs = run(low, "torch", training, activation=activation, functional=True)  # torch, all in dtype
@@ -239,7 +303,7 @@ class TestKernels:
             assert err_ours <= 2 * err_torch + atol * scale, (k, err_ours, err_torch)
 
     def test_low_precision_params_and_running_stats(self):
-        """bf16 weight/bias/running stats beside bf16 x: converted for the kernel, running stats written back."""
+        """bf16 weight, bias and running stats: converted for the kernel, running stats written back."""
         case = make_case((16, 6), dtype=torch.bfloat16)
         low = {k: v if v is None else v.to(torch.bfloat16) for k, v in case.items()}
         ours, ref = run(low, "triton", True), run(low, "torch", True)
@@ -247,8 +311,11 @@ class TestKernels:
         assert_all_close(ours, ref, atol=2e-2, rtol=2e-2)
 
     def test_deterministic_split(self, split_regime):
-        case = make_case((48, 7), running=True)
-        first, second = run(case, "triton", True, activation="tanh"), run(case, "triton", True, activation="tanh")
+        case = make_case((24, 7), running=True)
+        first, second = (
+            run(case, "triton", True, activation="tanh"),
+            run(case, "triton", True, activation="tanh"),
+        )
         for k, v in first.items():
             assert torch.equal(v, second[k]), k
 
@@ -270,6 +337,7 @@ class TestKernels:
                 def __getitem__(self, grid):
                     launches.append((kernel.fn.__name__, grid))
                     return kernel[grid]
+
             return Counted()
 
         for name in dir(K):
@@ -287,7 +355,9 @@ class TestKernels:
 def test_launch_settings_regimes_and_caps():
     """Deterministic settings: on chip up to MAX_TILE, split beyond; caps raise clearly."""
     makemore = K.launch_settings(32, 200, 1)
-    assert makemore == K.LaunchSettings(on_chip=True, tile=K.Tile(32, 128, 1, 16), rows_per_split=32, num_splits=1)
+    assert makemore == K.LaunchSettings(
+        on_chip=True, tile=K.Tile(32, 128, 1, 16), rows_per_split=32, num_splits=1
+    )
     assert K.launch_settings(K.MAX_TILE // K.MIN_BLOCK_C, 256, 1).on_chip
     big = K.launch_settings(K.MAX_TILE // K.MIN_BLOCK_C + 1, 256, 1)
     assert not big.on_chip and big.num_splits * big.rows_per_split >= K.MAX_TILE // K.MIN_BLOCK_C + 1
@@ -305,18 +375,23 @@ class TestGPU:
     """Compiled kernels on CUDA: large shapes, launch counts, CUDA graphs, no host syncs."""
 
     @pytest.mark.parametrize("shape", [(65536, 256), (4096, 1000), (512, 4096), (64, 32, 1024)], ids=str)
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-    def test_large_shapes_match_torch(self, shape, dtype):
+    @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str)
+    def test_large_shapes_match_torch(self, shape, dtype, atol):
         case = make_case(shape, dtype=dtype)
-        exact = run({k: None if v is None else v.double() for k, v in case.items()}, "torch", True,
-                    activation="tanh", functional=True)
+        exact = run(
+            {k: None if v is None else v.double() for k, v in case.items()},
+            "torch",
+            True,
+            activation="tanh",
+            functional=True,
+        )
         ours = run(case, "triton", True, activation="tanh")
         theirs = run(case, "torch", True, activation="tanh", functional=True)  # torch's CUDA BatchNorm
         for k in ("y", "dx", "dweight", "dbias", "running_mean", "running_var"):
             scale = exact[k].abs().max().item() + 1
             err_ours = (ours[k].double() - exact[k]).abs().max().item()
             err_torch = (theirs[k].double() - exact[k]).abs().max().item()
-            assert err_ours <= 2 * err_torch + 1e-5 * scale, (k, err_ours, err_torch)
+            assert err_ours <= 2 * err_torch + atol * scale, (k, err_ours, err_torch)
 
     def test_split_is_bitwise_deterministic(self):
         case = make_case((100_000, 64))
@@ -337,7 +412,9 @@ class TestGPU:
         with torch.profiler.profile(activities=activities) as prof_bwd:
             y.backward(dy)
             torch.cuda.synchronize()
-        kernels = lambda prof: [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = lambda prof: [
+            e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        ]
         bn_fwd = [k for k in kernels(prof_fwd) if "batch_norm" in k]
         assert len(bn_fwd) == 1, kernels(prof_fwd)
         # besides our kernel the forward only bumps num_batches_tracked (as torch's module does)
@@ -376,3 +453,16 @@ class TestGPU:
         torch.testing.assert_close(m.running_mean, ref.running_mean, **F32)
         torch.testing.assert_close(m.running_var, ref.running_var, **F32)
         assert m.num_batches_tracked.item() == ref.num_batches_tracked.item() == 6
+
+    def test_torch_compile_runs_the_kernels(self):
+        m = fused_ops.BatchNorm1d(64, activation="tanh", device="cuda")
+        ref = nn.BatchNorm1d(64, device="cuda")
+        ref.load_state_dict(m.state_dict())
+        compiled = torch.compile(m)
+        for _ in range(2):
+            x = torch.randn(256, 64, device="cuda") * 2 + 1
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            compiled(x1).sum().backward()
+            torch.tanh(ref(x2)).sum().backward()
+            torch.testing.assert_close(x1.grad, x2.grad, **F32)
+        torch.testing.assert_close(m.running_var, ref.running_var, **F32)
