@@ -6,6 +6,7 @@ Examples:
     python -m bench --op ce --mode fwd+bwd --dtype bf16 --shapes 4096x32000,16384x128256
     python -m bench --quick --provider fused,eager                # seconds: the CI smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ def _choices(allowed: tuple[str, ...], name: str):
         picked = tuple(t.strip() for t in text.split(",") if t.strip())
         bad = [t for t in picked if t not in allowed]
         if bad or not picked:
-            raise argparse.ArgumentTypeError(f"{name}: {', '.join(bad) or text!r} not in {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(
+                f"{name}: {', '.join(bad) or text!r} not in {', '.join(allowed)}"
+            )
         return picked
 
     return parse
@@ -38,39 +41,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--op", type=_choices(ops.OPS, "--op"), default=ops.OPS,
-                        help=f"comma list of {','.join(ops.OPS)} (default: all)")
-    parser.add_argument("--mode", type=_choices(ops.MODES, "--mode"), default=ops.MODES,
-                        help=f"comma list of {','.join(ops.MODES)} (step: the makemore training step; default: all)")
-    parser.add_argument("--provider", type=_choices(ops.PROVIDERS, "--provider"), default=ops.PROVIDERS,
-                        help=f"comma list of {','.join(ops.PROVIDERS)} (default: all)")
-    parser.add_argument("--dtype", type=_choices(tuple(ops.DTYPES), "--dtype"), default=tuple(ops.DTYPES),
-                        help="comma list of fp32,bf16 (default: both; the makemore step is fp32)")
-    parser.add_argument("--shapes", default="auto",
-                        help=f"a preset ({', '.join(PRESETS)}; default: full on cuda, cpu on cpu) or a comma list "
-                             f"of NxC and makemore sizes ({', '.join(ops.MAKEMORE_SIZES)})")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--op",
+        type=_choices(ops.OPS, "--op"),
+        default=ops.OPS,
+        help=f"comma list of {','.join(ops.OPS)} (default: all)",
+    )
+    parser.add_argument(
+        "--mode",
+        type=_choices(ops.MODES, "--mode"),
+        default=ops.MODES,
+        help=f"comma list of {','.join(ops.MODES)} (step: the makemore training step; default: all)",
+    )
+    parser.add_argument(
+        "--provider",
+        type=_choices(ops.PROVIDERS, "--provider"),
+        default=ops.PROVIDERS,
+        help=f"comma list of {','.join(ops.PROVIDERS)} (default: all)",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=_choices(tuple(ops.DTYPES), "--dtype"),
+        default=tuple(ops.DTYPES),
+        help="comma list of fp32,bf16 (default: both; the makemore step is fp32)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="auto",
+        help=f"a preset ({', '.join(PRESETS)}; default: full on cuda, cpu on cpu) or a comma list "
+        f"of NxC and makemore sizes ({', '.join(ops.MAKEMORE_SIZES)})",
+    )
     parser.add_argument("--quick", action="store_true", help="the 'quick' shapes and 3 reps: a smoke run")
-    parser.add_argument("--compile-shapes", choices=("default", "all"), default="default",
-                        help="torch.compile on a few shapes (default) or on every shape (slow on CPU)")
-    parser.add_argument("--reps", type=int, default=None,
-                        help=f"timed samples per measurement (default: {DEFAULT_REPS['cuda']} cuda, "
-                             f"{DEFAULT_REPS['cpu']} cpu; CPU sampling also stops after a few seconds)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 for --device cpu, as torch.utils.benchmark: stable "
-                             "on a shared machine and the same for every provider; torch's default otherwise)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="past this, remaining measurements are recorded as skipped")
-    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="CSV, plots and table (default bench/out)")
-    parser.add_argument("--results", type=Path, default=None, metavar="RESULTS.md",
-                        help="also rewrite this device's section of this file, with plots and CSV beside it")
+    parser.add_argument(
+        "--compile-shapes",
+        choices=("default", "all"),
+        default="default",
+        help="torch.compile on a few shapes (default) or on every shape (slow on CPU)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"timed samples per measurement (default: {DEFAULT_REPS['cuda']} cuda, "
+        f"{DEFAULT_REPS['cpu']} cpu; CPU sampling also stops after a few seconds)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for --device cpu, as torch.utils.benchmark: stable "
+        "on a shared machine and the same for every provider; torch's default otherwise)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="past this, remaining measurements are recorded as skipped",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/out"), help="CSV, plots and table (default bench/out)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="RESULTS.md",
+        help="also rewrite this device's section of this file, with plots and CSV beside it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(build_parser().parse_args(argv), argv)
+    finally:
+        torch.set_num_threads(threads)  # main() also runs in-process (tests): leave torch as found
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
         print("python -m bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -83,9 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench: --reps must be >= 1", file=sys.stderr)
         return 2
     settings = Settings(
-        device=device, ops=args.op, modes=args.mode, providers=args.provider, dtypes=args.dtype,
-        shapes="quick" if args.quick else args.shapes, compile_shapes=args.compile_shapes, reps=reps,
-        time_budget_s=args.time_budget, progress=not args.no_progress,
+        device=device,
+        ops=args.op,
+        modes=args.mode,
+        providers=args.provider,
+        dtypes=args.dtype,
+        shapes="quick" if args.quick else args.shapes,
+        compile_shapes=args.compile_shapes,
+        reps=reps,
+        time_budget_s=args.time_budget,
+        progress=not args.no_progress,
     )
     try:
         jobs = plan(settings)
@@ -94,16 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
-    env = environment.capture(device, environment.command_line() if argv is None else
-                              " ".join(["python -m bench", *argv]))
+    env = environment.capture(
+        device, " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    )
     env.copy_gbps = copy_bandwidth_gbps(device, reps)
     print("\n".join(env.header_lines()), flush=True)
-    print(f"{sum(len(j.modes) for j in jobs)} measurements planned ({len(jobs)} provider x case jobs)", flush=True)
+    print(
+        f"{sum(len(j.modes) for j in jobs)} measurements planned ({len(jobs)} provider x case jobs)",
+        flush=True,
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"results_{device_type}.csv"
     report.write_csv([], csv_path)  # header now, rows as they come: a killed sweep keeps what it measured
-    rows = run(jobs, settings, env.copy_gbps, on_row=lambda row: report.write_csv([row], csv_path, append=True))
+    rows = run(
+        jobs, settings, env.copy_gbps, on_row=lambda row: report.write_csv([row], csv_path, append=True)
+    )
     env.load_end = environment.load_average()
     env.wall_s = time.perf_counter() - started
 

@@ -1,11 +1,11 @@
 """Where and when the numbers were taken: device name, versions, date, load."""
+
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import os
 import platform
-import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +30,19 @@ class Environment:
     def header_lines(self) -> list[str]:
         lines = [
             f"device: {self.device_name}",
-            f"torch {self.torch_version}, triton {self.triton_version}, Liger-Kernel {self.liger_version}, "
-            f"Python {self.python_version}, {self.threads} torch threads",
+            (
+                f"torch {self.torch_version}, triton {self.triton_version}, Liger-Kernel {self.liger_version}, "
+                f"Python {self.python_version}; torch CPU threads: {self.threads}"
+            ),
             f"date: {self.date}",
             f"copy bandwidth (dst.copy_(src), read + write): {self.copy_gbps:.1f} GB/s",
         ]
         if self.load_start is not None:
             end = "" if self.load_end is None else f", at the end {_load(self.load_end)}"
-            lines.append(f"load average (1/5/15 min) at the start {_load(self.load_start)}{end}, "
-                         f"{os.cpu_count()} logical CPUs")
+            lines.append(
+                f"load average (1/5/15 min) at the start {_load(self.load_start)}{end}, "
+                f"{os.cpu_count()} logical CPUs"
+            )
         return lines
 
 
@@ -67,10 +71,12 @@ def device_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model
+            )
     except OSError:
         pass
-    return f"CPU: {model}, {os.cpu_count()} logical CPUs"
+    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def capture(device: torch.device, command: str) -> Environment:
@@ -81,12 +87,8 @@ def capture(device: torch.device, command: str) -> Environment:
         triton_version=_version("triton"),
         liger_version=_version("liger-kernel"),
         python_version=platform.python_version(),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         threads=torch.get_num_threads(),
         load_start=load_average(),
         command=command,
     )
-
-
-def command_line() -> str:
-    return " ".join(["python -m bench", *sys.argv[1:]])

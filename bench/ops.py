@@ -11,11 +11,12 @@ inputs plus a forward callable, from which `mode_fn` makes the timed callable of
 Byte models (`bytes_moved`) count the unavoidable traffic of the op, the same for every provider, so
 GB/s compares providers on the same work.
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,12 @@ OP_TITLES = {
     "makemore": "makemore MLP training step",
 }
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
-OP_MODES = {"ce": ("fwd", "bwd", "fwd+bwd"), "bn": ("fwd", "bwd", "fwd+bwd"),
-            "bn_tanh": ("fwd", "bwd", "fwd+bwd"), "makemore": ("step",)}
+OP_MODES = {
+    "ce": ("fwd", "bwd", "fwd+bwd"),
+    "bn": ("fwd", "bwd", "fwd+bwd"),
+    "bn_tanh": ("fwd", "bwd", "fwd+bwd"),
+    "makemore": ("step",),
+}
 # Provider order is also the sweep's priority order: under a time budget the last ones are dropped first.
 PROVIDERS = ("fused", "eager", "unfused", "liger", "compile")
 OP_PROVIDERS = {
@@ -111,15 +116,18 @@ def bytes_moved(case: Case, mode: str) -> int | None:
             return n * c * b + 8 * n  # fwd: read logits + int64 targets = N*C*b + 8*N
         if mode == "bwd":
             # bwd: read logits + write dlogits = 2*N*C*b (a backward that kept only the per-row logsumexp).
-            # The fused forward already wrote dlogits, so its bwd is a scale; compare fwd+bwd across providers.
+            # The fused forward already wrote dlogits, so its bwd is a scale: compare providers on fwd+bwd.
             return 2 * n * c * b + 8 * n
         return 2 * n * c * b + 8 * n  # fwd+bwd (2-pass): read logits + write dlogits = 2*N*C*b + 8*N
-    # BatchNorm, with or without tanh; per-feature statistics and parameters (C values) are negligible.
-    if mode == "fwd":
-        return 2 * n * c * b  # fwd (2-pass): read x + write y = 2*N*C*b
-    if mode == "bwd":
-        return 3 * n * c * b  # bwd (3-pass): read x (or saved y for tanh) + read dy + write dx = 3*N*C*b
-    return 5 * n * c * b  # fwd+bwd: fwd 2*N*C*b + bwd 3*N*C*b = 5*N*C*b
+    # BatchNorm; per-feature statistics and parameters (C values each) are negligible.
+    fwd = 2 * n * c * b  # fwd (2-pass): read x + write y = 2*N*C*b
+    if case.op == "bn":
+        bwd = 3 * n * c * b  # bwd (3-pass): read x + read dy + write dx = 3*N*C*b
+    else:
+        bwd = (
+            4 * n * c * b
+        )  # bwd with tanh: read x (for xhat) + saved y (for 1 - y^2) + dy, write dx = 4*N*C*b
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def memory_needed(case: Case) -> int:
@@ -189,7 +197,7 @@ def mode_fn(runner: Runner, mode: str) -> Timed:
 
 
 def fused_backend(device: torch.device) -> str:
-    """The fused provider runs the Triton kernels on CUDA and the PyTorch path elsewhere, never silently other."""
+    """The fused provider runs the Triton kernels on CUDA and the PyTorch path elsewhere, never a fallback."""
     return "triton" if device.type == "cuda" else "torch"
 
 
@@ -217,7 +225,8 @@ def build(case: Case, provider: str, device: torch.device, seed: int = 0) -> Run
     """Fresh inputs for `case` and the callables of `provider`; raises Unavailable when it cannot run here."""
     if provider not in OP_PROVIDERS[case.op]:
         raise ValueError(f"provider {provider!r} does not apply to op {case.op!r}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Inputs are drawn on the device: drawing 2^31 elements on the host and copying would take seconds.
+    generator = torch.Generator(device=device).manual_seed(seed)
     if case.op == "ce":
         return _build_cross_entropy(case, provider, device, generator)
     if case.op == "makemore":
@@ -226,21 +235,24 @@ def build(case: Case, provider: str, device: torch.device, seed: int = 0) -> Run
 
 
 def _randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _randint(high: int, shape, generator, device) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=generator, device=device)
 
 
 def _build_cross_entropy(case: Case, provider: str, device: torch.device, generator) -> Runner:
     n, c = case.shape
     dtype = DTYPES[case.dtype]
-    functions = {
-        "fused": fused_ops.cross_entropy,
-        "eager": F.cross_entropy,
-        "liger": _liger_cross_entropy(device) if provider == "liger" else None,
-        "compile": _compiled(F.cross_entropy) if provider == "compile" else None,
-    }
-    loss_fn = functions[provider]
+    if provider == "liger":
+        loss_fn = _liger_cross_entropy(device)
+    elif provider == "compile":
+        loss_fn = _compiled(F.cross_entropy)
+    else:
+        loss_fn = {"fused": fused_ops.cross_entropy, "eager": F.cross_entropy}[provider]
     logits = _randn((n, c), generator, device, dtype).requires_grad_()
-    target = torch.randint(0, c, (n,), generator=generator).to(device)
+    target = _randint(c, (n,), generator, device)
     # Liger writes dlogits into the logits buffer during its forward: harmless here, the inputs are its own.
     return Runner(
         forward=lambda: loss_fn(logits, target),
@@ -254,7 +266,7 @@ def _build_batch_norm(case: Case, provider: str, device: torch.device, generator
     """Training-mode BatchNorm over (N, C): input in the case's dtype, fp32 parameters and running stats."""
     n, c = case.shape
     dtype = DTYPES[case.dtype]
-    x = (_randn((n, c), generator, device) * 2 + 0.5).to(dtype).requires_grad_()
+    x = (_randn((n, c), generator, device, dtype) * 2 + 0.5).requires_grad_()
     weight = (1 + 0.1 * _randn((c,), generator, device)).requires_grad_()
     bias = (0.1 * _randn((c,), generator, device)).requires_grad_()
     running_mean = torch.zeros(c, device=device)
@@ -266,12 +278,18 @@ def _build_batch_norm(case: Case, provider: str, device: torch.device, generator
         return torch.tanh(y) if activation == "tanh" else y
 
     def fused(x, running_mean, running_var, weight, bias):
-        return fused_ops.batch_norm(x, running_mean, running_var, weight, bias, training=True, activation=activation)
+        return fused_ops.batch_norm(
+            x, running_mean, running_var, weight, bias, training=True, activation=activation
+        )
 
     def unfused(x, running_mean, running_var, weight, bias):
         return torch.tanh(fused_ops.batch_norm(x, running_mean, running_var, weight, bias, training=True))
 
-    fn = {"fused": fused, "unfused": unfused, "eager": eager}.get(provider) or _compiled(eager)
+    fn = (
+        _compiled(eager)
+        if provider == "compile"
+        else {"fused": fused, "unfused": unfused, "eager": eager}[provider]
+    )
     return Runner(
         forward=lambda: fn(x, running_mean, running_var, weight, bias),
         grad_output=_randn((n, c), generator, device, dtype),
@@ -287,12 +305,18 @@ def _build_makemore(case: Case, provider: str, device: torch.device, generator) 
     size = MAKEMORE_SIZES[case.shape]
     if case.dtype != "fp32":
         raise Unavailable("the makemore step runs in fp32 only")
-    model = MLP(size.vocab_size, size.block_size, size.n_embd, size.n_hidden, fused=provider == "fused",
-                generator=generator).to(device)
+    model = MLP(
+        size.vocab_size,
+        size.block_size,
+        size.n_embd,
+        size.n_hidden,
+        fused=provider == "fused",
+        generator=torch.Generator().manual_seed(0),
+    ).to(device)  # initialised on the CPU, then moved
     forward = _compiled(model) if provider == "compile" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    idx = torch.randint(0, size.vocab_size, (size.batch, size.block_size), generator=generator).to(device)
-    targets = torch.randint(0, size.vocab_size, (size.batch,), generator=generator).to(device)
+    idx = _randint(size.vocab_size, (size.batch, size.block_size), generator, device)
+    targets = _randint(size.vocab_size, (size.batch,), generator, device)
 
     def step() -> None:
         _, loss = forward(idx, targets)
@@ -300,5 +324,8 @@ def _build_makemore(case: Case, provider: str, device: torch.device, generator) 
         loss.backward()
         optimizer.step()
 
-    return Runner(step=step, grad_to_none=list(model.parameters()),
-                  backend=fused_backend(device) if provider == "fused" else None)
+    return Runner(
+        step=step,
+        grad_to_none=list(model.parameters()),
+        backend=fused_backend(device) if provider == "fused" else None,
+    )

@@ -6,13 +6,14 @@ needs a fresh forward graph each time) uses the same recipe in a loop of its own
 no setup hook. CPU: `torch.utils.benchmark.Timer` on the process's torch threads (see `--threads`)
 for calls under 0.5 ms, batched to 0.5 ms samples; one `perf_counter` reading per call above that.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.utils.benchmark as torch_benchmark
@@ -22,6 +23,8 @@ from bench.ops import Timed
 # A CPU sample lasts at least this long (calls are batched within a sample when shorter). Short
 # samples keep the median robust on a shared machine: a preempted sample is an outlier, not the norm.
 CPU_MIN_SAMPLE_S = 5e-4
+# A first CPU call longer than this is taken as the estimate: a second one would not change the plan.
+CPU_WARM_ONLY_S = 0.05
 # Longest a CPU measurement keeps sampling once it has 3 samples; the large shapes take ~1 s a call.
 CPU_MAX_MEASURE_S = 3.0
 # The GPU timed window is about `reps` calls, clamped to these bounds in milliseconds.
@@ -38,8 +41,10 @@ class Timing:
     p80_ms: float
 
 
-def measure(timed: Timed, device: torch.device, reps: int, grad_to_none: Sequence[torch.Tensor] = ()) -> Timing:
-    """Time `timed.fn` with about `reps` samples; the grads of `grad_to_none` are set to None before each call."""
+def measure(
+    timed: Timed, device: torch.device, reps: int, grad_to_none: Sequence[torch.Tensor] = ()
+) -> Timing:
+    """Time `timed.fn` with about `reps` samples; grads of `grad_to_none` are set to None before each call."""
 
     def reset() -> None:
         for t in grad_to_none:
@@ -62,8 +67,9 @@ def measure(timed: Timed, device: torch.device, reps: int, grad_to_none: Sequenc
 def _do_bench(fn: Callable[[], object], rep_ms: float, grad_to_none: list[torch.Tensor]) -> Timing:
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(fn, warmup=max(rep_ms / 4, 1.0), rep=rep_ms, grad_to_none=grad_to_none,
-                                quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = do_bench(
+        fn, warmup=max(rep_ms / 4, 1.0), rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+    )
     return Timing(median, p20, p80)
 
 
@@ -100,11 +106,14 @@ def _cuda_loop(fn: Callable[[], object], prepare: Callable[[], None], n: int) ->
 
 def _measure_cpu(timed: Timed, reps: int, prepare: Callable[[], None]) -> Timing:
     prepare()
-    timed.fn()  # warm: compilation, first-touch allocation
-    prepare()
     t0 = time.perf_counter()
-    timed.fn()
+    timed.fn()  # warm: compilation, first-touch allocation
     estimate_s = time.perf_counter() - t0
+    if estimate_s < CPU_WARM_ONLY_S:  # short calls: estimate again, without the first call's costs
+        prepare()
+        t0 = time.perf_counter()
+        timed.fn()
+        estimate_s = time.perf_counter() - t0
     samples: list[float] = []
     deadline = time.perf_counter() + CPU_MAX_MEASURE_S
     sample = _cpu_sampler(timed, prepare, estimate_s)
@@ -128,8 +137,11 @@ def _cpu_sampler(timed: Timed, prepare: Callable[[], None], estimate_s: float) -
 
         return sample
     # Tiny calls, batched `number` to a sample; the reset is part of each call, as in a training loop.
-    timer = torch_benchmark.Timer(stmt="prepare(); fn()", globals={"fn": timed.fn, "prepare": prepare},
-                                  num_threads=torch.get_num_threads())
+    timer = torch_benchmark.Timer(
+        stmt="prepare(); fn()",
+        globals={"fn": timed.fn, "prepare": prepare},
+        num_threads=torch.get_num_threads(),
+    )
     return lambda: timer.timeit(number).times[0]
 
 

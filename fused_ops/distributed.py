@@ -7,6 +7,7 @@ one rank, `world_size` is 1 and the ops take their single-process path: no colle
 Every collective is issued unconditionally by every rank of the group, whatever its batch holds
 (zero rows included), so no rank can wait for a peer that skipped one.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -14,6 +14,7 @@ The result equals single-process BatchNorm over the batch concatenated across ra
 Running stats are updated on every rank alike, with the global mean and unbiased variance.
 Eval mode, and a group of one rank, take fused_ops.BatchNorm1d's single-process path: no collectives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,8 +79,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         else:
             forward = forward_torch
         y, mean, invstd = forward(
-            input, weight, bias, moments.mean, var_unbiased if unbiased else var_biased,
-            0.0, eps, False, unbiased, activation,
+            input,
+            weight,
+            bias,
+            moments.mean,  # as running_mean
+            var_unbiased if unbiased else var_biased,  # as running_var: invstd = rsqrt(var + eps)
+            0.0,  # momentum, unused in eval mode
+            eps,
+            False,  # training=False: normalise with the statistics given
+            unbiased,
+            activation,
         )
         # Saved: x (for xhat), gamma, the global mean, invstd and count (C, C and 1 values, fp32; fp64 for
         # fp64 input) and, with an activation, the output y for its derivative.
@@ -121,17 +130,22 @@ def _check_input(module: SyncBatchNorm, input: torch.Tensor) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"SyncBatchNorm: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"SyncBatchNorm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}")
+        raise TypeError(
+            f"SyncBatchNorm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
+        )
     if input.ndim not in (2, 3):
         raise ValueError(
-            f"SyncBatchNorm: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}"
+            f"SyncBatchNorm: input must be 2-D (N, C) or 3-D (N, C, L), "
+            f"got {input.ndim}-D {tuple(input.shape)}"
         )
     if input.shape[1] != module.num_features:
         raise ValueError(
             f"SyncBatchNorm: input has C = {input.shape[1]} channels but the module has "
             f"num_features = {module.num_features}"
         )
-    allowed = (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
+    allowed = (
+        (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
+    )
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(module, name)
         if t is None:
@@ -139,7 +153,9 @@ def _check_input(module: SyncBatchNorm, input: torch.Tensor) -> None:
         if t.device != input.device:
             raise ValueError(f"SyncBatchNorm: {name} is on {t.device} but input is on {input.device}")
         if t.dtype not in allowed:
-            raise TypeError(f"SyncBatchNorm: {name} has dtype {t.dtype}, which does not fit {input.dtype} input")
+            raise TypeError(
+                f"SyncBatchNorm: {name} has dtype {t.dtype}, which does not fit {input.dtype} input"
+            )
 
 
 class SyncBatchNorm(BatchNorm1d):
@@ -165,8 +181,17 @@ class SyncBatchNorm(BatchNorm1d):
         activation: str | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         unbiased=unbiased, activation=activation)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            unbiased=unbiased,
+            activation=activation,
+        )
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -174,19 +199,32 @@ class SyncBatchNorm(BatchNorm1d):
         if not self.training or not is_distributed(self.process_group):
             return super().forward(input)
         _check_input(self, input)
-        triton = use_triton("batch_norm", input, self.weight, self.bias)  # may raise: before any state changes
+        triton = use_triton(
+            "batch_norm", input, self.weight, self.bias
+        )  # may raise: before any state changes
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
                 momentum = self.num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
         return SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.running_mean, self.running_var, momentum, float(self.eps),
-            self.unbiased, self.activation, self.process_group, triton,
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            momentum,
+            float(self.eps),
+            self.unbiased,
+            self.activation,
+            self.process_group,
+            triton,
         )
 
 
-def to_sync_batch_norm(module: nn.BatchNorm1d, process_group: dist.ProcessGroup | None = None) -> SyncBatchNorm:
+def to_sync_batch_norm(
+    module: nn.BatchNorm1d, process_group: dist.ProcessGroup | None = None
+) -> SyncBatchNorm:
     """A SyncBatchNorm holding `module`'s very parameters and buffers (same tensors) and training flag.
 
     module: torch's nn.BatchNorm1d or fused_ops.BatchNorm1d; its `unbiased` and `activation`, if any,
@@ -194,7 +232,9 @@ def to_sync_batch_norm(module: nn.BatchNorm1d, process_group: dist.ProcessGroup 
     """
     activation = getattr(module, "activation", None)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"to_sync_batch_norm: module.activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(
+            f"to_sync_batch_norm: module.activation must be one of {ACTIVATIONS}, got {activation!r}"
+        )
     sync = SyncBatchNorm(
         module.num_features,
         eps=module.eps,

@@ -14,11 +14,13 @@ Collectives per forward (backward has none):
         the rank owning y contributes them) and, with label smoothing, sum_c w_c z_c and sum_c w_c.
 
 Per row, with q_c = (1 - eps) * w_y * [c = y] + eps / C * w_c (w = 1 without weights):
-    loss = sum_c q_c * (lse - z_c) = (1 - eps) * w_y * (lse - z_y) + eps / C * (sum_c w_c * lse - sum_c w_c z_c)
+    loss = sum_c q_c * (lse - z_c)
+         = (1 - eps) * w_y * (lse - z_y) + eps / C * (sum_c w_c * lse - sum_c w_c z_c)
     dz_c = (softmax_c * sum(q) - q_c) * scale,  sum(q) = (1 - eps) * w_y + eps / C * sum_c w_c
 scale = grad_output, divided by sum of w_y over the non-ignored rows for reduction="mean"; 0 on
 ignored rows. These are F.cross_entropy's semantics, label smoothing with weights included.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -48,7 +50,9 @@ def _check_args(
     if logits_shard.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: logits_shard must be a floating-point tensor, got {logits_shard.dtype}")
     if logits_shard.ndim == 0:
-        raise ValueError(f"{name}: logits_shard must be (C_r,), (N, C_r) or (N, C_r, d1, ...), got a 0-D tensor")
+        raise ValueError(
+            f"{name}: logits_shard must be (C_r,), (N, C_r) or (N, C_r, d1, ...), got a 0-D tensor"
+        )
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32, torch.uint8):
@@ -74,9 +78,13 @@ def _check_args(
                 f"logits_shard's class dimension, got {tuple(weight.shape)}"
             )
         if weight.device != logits_shard.device:
-            raise ValueError(f"{name}: weight is on {weight.device} but logits_shard is on {logits_shard.device}")
+            raise ValueError(
+                f"{name}: weight is on {weight.device} but logits_shard is on {logits_shard.device}"
+            )
         if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: weight requires grad, but its gradient is not computed; pass weight.detach()")
+            raise ValueError(
+                f"{name}: weight requires grad, but its gradient is not computed; pass weight.detach()"
+            )
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
@@ -145,7 +153,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         stacked = torch.stack(list(sums.values()))  # (k, M)
         if distributed:
             stacked = all_reduce_sum(stacked, process_group)
-        sums = dict(zip(sums, stacked))
+        sums = dict(zip(sums, stacked, strict=True))
         lse = m + torch.log(sums["sum_exp"])
         w_y = sums["w_y"] if w is not None else valid.to(acc)
 
@@ -215,8 +223,9 @@ def vocab_parallel_cross_entropy(
     """F.cross_entropy over logits sharded along the class dimension (dim 1) across `process_group`.
 
     logits_shard: (N, C_r), (N, C_r, d1, ..., dK) or (C_r,): this rank's contiguous slice of the classes,
-    in rank order; slices may be uneven. target: (N,), (N, d1, ..., dK) or (), int64/int32/uint8 class indices in
-    [0, C), replicated on every rank. weight: this rank's (C_r,) slice of the class weights, or None.
+    in rank order; slices may be uneven. target: (N,), (N, d1, ..., dK) or (), int64/int32/uint8 class
+    indices in [0, C), replicated on every rank. weight: this rank's (C_r,) slice of the class weights,
+    or None.
     process_group: None for the default group; without an initialised group, or with one rank, this is
     plain cross-entropy and runs no collective. Returns the loss on every rank, in logits_shard's dtype:
     (N, d1, ..., dK) for reduction="none", else a scalar. Each rank then receives its slice of the gradient.
@@ -228,7 +237,13 @@ def vocab_parallel_cross_entropy(
     # (N, C_r, d1, ..., dK) -> (M, C_r) rows with M = N * d1 * ... * dK; autograd maps the gradient back.
     rows = logits.movedim(1, -1).reshape(target.numel(), logits.shape[1])  # explicit M: C_r may be 0
     loss = VocabParallelCrossEntropyFunction.apply(
-        rows, target.reshape(-1).long(), weight, int(ignore_index), reduction, float(label_smoothing), process_group
+        rows,
+        target.reshape(-1).long(),
+        weight,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        process_group,
     )
     if reduction == "none":
         return loss.reshape(target.shape)

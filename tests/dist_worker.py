@@ -4,13 +4,16 @@
 
 Joins a gloo group on tcp://127.0.0.1:PORT, runs every case of WORKDIR/cases.pt in order on this
 rank's share of the inputs (on the ranks of its subgroup, if it names one), and saves what it
-observed to WORKDIR/rank<RANK>.pt. All checks happen in the test process, against single-process references on the full inputs.
+observed to WORKDIR/rank<RANK>.pt. All checks happen in the test process, against single-process
+references on the full inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import sys
+import traceback
 from collections import Counter
 
 import torch
@@ -19,10 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fused_ops.backend import use_backend
 from fused_ops.convert import convert
 from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm
 from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
+CASE_TIMEOUT = datetime.timedelta(seconds=20)  # each collective of a case's own group
+
+# Counted so the tests can assert how many collectives each op issues (and that eval issues none).
 COLLECTIVES = ("all_gather", "all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor")
 
 
@@ -64,13 +71,17 @@ def run_batch_norm(case: dict, rank: int, world_size: int, group) -> dict:
             y = bn(x)
         with count_collectives() as backward_calls:
             y.backward(dy_full[rows_of(counts, rank)])
-        observed["train"].append({
-            "y": y.detach(), "dx": x.grad,
-            "dweight": None if bn.weight is None else bn.weight.grad.clone(),
-            "dbias": None if bn.bias is None else bn.bias.grad.clone(),
-            "state": {k: v.clone() for k, v in bn.state_dict().items()},
-            "forward_calls": dict(forward_calls), "backward_calls": dict(backward_calls),
-        })
+        observed["train"].append(
+            {
+                "y": y.detach(),
+                "dx": x.grad,
+                "dweight": None if bn.weight is None else bn.weight.grad.clone(),
+                "dbias": None if bn.bias is None else bn.bias.grad.clone(),
+                "state": {k: v.clone() for k, v in bn.state_dict().items()},
+                "forward_calls": dict(forward_calls),
+                "backward_calls": dict(backward_calls),
+            }
+        )
         bn.zero_grad(set_to_none=True)
     bn.eval()
     x_full, dy_full, counts = case["eval"]
@@ -78,8 +89,12 @@ def run_batch_norm(case: dict, rank: int, world_size: int, group) -> dict:
     with count_collectives() as calls:
         y = bn(x)
         y.backward(dy_full[rows_of(counts, rank)])
-    observed["eval"] = {"y": y.detach(), "dx": x.grad, "calls": dict(calls),
-                        "state": {k: v.clone() for k, v in bn.state_dict().items()}}
+    observed["eval"] = {
+        "y": y.detach(),
+        "dx": x.grad,
+        "calls": dict(calls),
+        "state": {k: v.clone() for k, v in bn.state_dict().items()},
+    }
     return observed
 
 
@@ -110,22 +125,36 @@ def run_cross_entropy(case: dict, rank: int, world_size: int, group) -> dict:
         weight = None if option["weight"] is None else option["weight"][offset : offset + width]
         with count_collectives() as forward_calls:
             loss = vocab_parallel_cross_entropy(
-                logits, option.get("target", case["target"]), group, weight=weight,
-                ignore_index=option["ignore_index"], reduction=option["reduction"],
+                logits,
+                option.get("target", case["target"]),
+                group,
+                weight=weight,
+                ignore_index=option["ignore_index"],
+                reduction=option["reduction"],
                 label_smoothing=option["label_smoothing"],
             )
         with count_collectives() as backward_calls:
             loss.backward(option["grad"])
-        observed.append({"loss": loss.detach(), "dlogits": logits.grad,
-                         "forward_calls": dict(forward_calls), "backward_calls": dict(backward_calls)})
+        observed.append(
+            {
+                "loss": loss.detach(),
+                "dlogits": logits.grad,
+                "forward_calls": dict(forward_calls),
+                "backward_calls": dict(backward_calls),
+            }
+        )
     return observed
 
 
 def run_ddp_step(case: dict, rank: int, world_size: int, group) -> dict:
     """One DDP step of Linear -> BatchNorm1d -> Tanh -> Linear, converted to fused ops with SyncBatchNorm,
     on the mean loss of the global batch."""
-    model = nn.Sequential(nn.Linear(*case["sizes"][:2]), nn.BatchNorm1d(case["sizes"][1]), nn.Tanh(),
-                          nn.Linear(*case["sizes"][1:])).to(case["x"].dtype)
+    model = nn.Sequential(
+        nn.Linear(*case["sizes"][:2]),
+        nn.BatchNorm1d(case["sizes"][1]),
+        nn.Tanh(),
+        nn.Linear(*case["sizes"][1:]),
+    ).to(case["x"].dtype)
     model.load_state_dict(case["state"])
     model = convert_sync_batch_norm(convert(model), group)  # BatchNorm1d + Tanh -> SyncBatchNorm(tanh)
     ddp = DistributedDataParallel(model, process_group=group)
@@ -134,30 +163,52 @@ def run_ddp_step(case: dict, rank: int, world_size: int, group) -> dict:
     # DDP averages gradients over the ranks: scale the local sum so the average is the global mean.
     loss = F.cross_entropy(logits, case["target"][rows], reduction="sum") * (world_size / sum(case["counts"]))
     loss.backward()
-    return {"grads": {name: p.grad.clone() for name, p in model.named_parameters()},
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "modules": [type(m).__name__ for m in model]}
+    return {
+        "grads": {name: p.grad.clone() for name, p in model.named_parameters()},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [type(m).__name__ for m in model],
+    }
 
 
-RUNNERS = {"batch_norm": run_batch_norm, "bad_input": run_bad_input, "cross_entropy": run_cross_entropy,
-           "ddp_step": run_ddp_step}
+RUNNERS = {
+    "batch_norm": run_batch_norm,
+    "bad_input": run_bad_input,
+    "cross_entropy": run_cross_entropy,
+    "ddp_step": run_ddp_step,
+}
 
 
 def main(rank: int, world_size: int, port: int, workdir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),  # start-up included
+    )
     try:
         cases = torch.load(f"{workdir}/cases.pt", weights_only=False)
-        # case["group"]: absent -> process_group=None (the default group); "WORLD" -> dist.group.WORLD;
-        # a list of ranks -> a new group of those (every rank creates every group, in the same order).
-        groups = {name: dist.new_group(case["group"]) for name, case in cases.items()
-                  if isinstance(case.get("group"), list)}
+        # case["group"]: "default" -> process_group=None; "WORLD" -> dist.group.WORLD; a list of ranks -> a
+        # new group of those; absent -> a new group of all ranks. A case on a group of its own is isolated:
+        # if it raises on one rank while its peers wait in a collective, they time out (CASE_TIMEOUT) and
+        # every later case still pairs its collectives correctly. Every rank creates every group, in order.
+        groups = {}
+        for name, case in cases.items():
+            spec = case.get("group", list(range(world_size)))
+            if isinstance(spec, list):
+                groups[name] = (spec, dist.new_group(spec, timeout=CASE_TIMEOUT))
+            else:
+                groups[name] = (list(range(world_size)), {"default": None, "WORLD": dist.group.WORLD}[spec])
         results = {}
         for name, case in cases.items():
-            members = case["group"] if name in groups else list(range(world_size))
-            group = groups.get(name, dist.group.WORLD if case.get("group") == "WORLD" else None)
-            if rank in members:
-                results[name] = RUNNERS[case["kind"]](case, members.index(rank), len(members), group)
+            members, group = groups[name]
+            if rank not in members:
+                continue
+            try:
+                with use_backend(case.get("backend", "auto")):
+                    results[name] = RUNNERS[case["kind"]](case, members.index(rank), len(members), group)
+            except Exception:  # reported by that case's test; the other cases still run
+                results[name] = {"error": traceback.format_exc()}
         torch.save(results, f"{workdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
