@@ -7,14 +7,18 @@ from fused_ops.backend import BackendUnavailableError, use_backend
 from fused_ops.batch_norm import BatchNorm1d, batch_norm
 from fused_ops.convert import convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
+from fused_ops.sync_batch_norm import SyncBatchNorm
+from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [
     "BackendUnavailableError",
     "BatchNorm1d",
     "CrossEntropyLoss",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
     "cross_entropy",
     "use_backend",
+    "vocab_parallel_cross_entropy",
 ]
 __version__ = "0.1.0"

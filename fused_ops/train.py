@@ -5,8 +5,15 @@ last quarter of the steps. Minibatch indices come from a `torch.Generator` seede
 the initial weights from another one, so a run is reproducible and the fused and unfused models see
 the same batches from the same start.
 
+Data-parallel training (`--ddp`, one process per device, started by torchrun): every process builds the
+same model, draws the same global batches and trains on its `shard_slice` of each batch's rows;
+DistributedDataParallel averages the gradients and SyncBatchNorm computes the BatchNorm statistics over
+the whole batch, so the losses are those of one process training on the whole batch (up to float32
+rounding). Rank 0 evaluates, samples and reports.
+
     python -m fused_ops train [--steps N] [--device cpu|cuda] [--seed S] [--no-fused]
                               [--json PATH] [--plot PATH]
+    torchrun --nproc_per_node 2 -m fused_ops train --ddp [same options]
 """
 
 from __future__ import annotations
@@ -18,14 +25,28 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fused_ops.convert import convert
 from fused_ops.data import Split, load_dataset
+from fused_ops.distributed import (
+    DDPInfo,
+    all_reduce_sum,
+    cleanup_ddp,
+    rank,
+    setup_ddp,
+    shard_slice,
+    world_size,
+)
 from fused_ops.models import MLP, sample_names
 
 DEFAULT_STEPS = 50_000  # val loss 2.145; ~1.5 min of one core with the torch path (CPU)
 EVAL_CHUNK = 32_768  # examples per eval forward: bounds eval memory at ~30 MB for n_hidden 200
-LOG_EVERY = 200  # steps between progress-bar updates (each one reads a loss back to the host)
+LOG_EVERY = 200  # steps between progress-bar updates (each reads a loss back to the host) and, with
+# data-parallel training, between the all_reduces that sum the ranks' shares of the losses
 
 
 @dataclass
@@ -55,19 +76,50 @@ def build_model(config: TrainConfig, vocab_size: int, block_size: int) -> MLP:
     return model.to(config.device)
 
 
+def data_parallel(model: MLP, ddp: DDPInfo) -> DistributedDataParallel:
+    """`model` with its BatchNorm synchronised over every rank (fused_ops.SyncBatchNorm for the fused
+    model, torch.nn.SyncBatchNorm otherwise; same tensors), wrapped in DistributedDataParallel."""
+    group = dist.group.WORLD
+    if model.fused:
+        convert(model, process_group=group)
+    else:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+    device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+
+
 def train_model(
-    model: torch.nn.Module, train: Split, config: TrainConfig, *, progress: bool = True
+    model: torch.nn.Module,
+    train: Split,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Run `config.steps` SGD steps on minibatches of `train`; returns the per-step losses (steps,).
 
-    `model(X, Y)` must return (logits, loss). The losses stay on the device; the only host reads are
-    the progress-bar updates every LOG_EVERY steps.
+    `model(X, Y)` must return (logits, loss), the loss a mean over the rows given. The losses stay on
+    the device; the only host reads are the progress-bar updates every LOG_EVERY steps.
+
+    process_group: None for one process; else data-parallel training over that group, `model` being
+    wrapped in DistributedDataParallel over it. Every rank draws the same global batch of
+    `config.batch_size` indices (same generator, same seed) and trains on its `shard_slice` of them;
+    the losses returned, on every rank, are the global batch's.
     """
     device = torch.device(config.device)
     X, Y = train.X.to(device), train.Y.to(device)
+    world = 1 if process_group is None else world_size(process_group)
+    if world > config.batch_size:
+        raise ValueError(
+            f"train_model: {world} processes for batch_size {config.batch_size}: every process needs a row"
+        )
+    rows = shard_slice(config.batch_size, 0 if process_group is None else rank(process_group), world)
+    # The global-batch loss is sum_r share_r * loss_r, with loss_r the mean over rank r's rows.
+    share = (rows.stop - rows.start) / config.batch_size
     batch_generator = torch.Generator(device=device).manual_seed(config.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     losses = torch.empty(config.steps, device=device)
+    reduced = 0  # losses[:reduced] are summed over the ranks
     decay_step = config.decay_step
     model.train()
     bar = tqdm(range(config.steps), desc="train", unit="step", disable=not progress, mininterval=0.5)
@@ -76,15 +128,22 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = config.final_lr
         ix = torch.randint(0, X.shape[0], (config.batch_size,), device=device, generator=batch_generator)
+        ix = ix[rows]  # the global batch is drawn alike on every rank: this rank's rows of it
         _, loss = model(X[ix], Y[ix])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages gradients over the ranks: sum_r grad(world * share_r * loss_r) / world is the
+        # gradient of the global-batch loss.
+        (loss * (world * share)).backward()
         optimizer.step()
-        losses[step] = loss.detach()
-        if progress and (step + 1) % LOG_EVERY == 0:
-            bar.set_postfix(
-                loss=f"{losses[step + 1 - LOG_EVERY : step + 1].mean().item():.4f}", refresh=False
-            )
+        losses[step] = loss.detach() * share
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == config.steps:
+            if world > 1:  # one collective per LOG_EVERY steps: sum the ranks' shares of each loss
+                losses[reduced : step + 1] = all_reduce_sum(losses[reduced : step + 1], process_group)
+            reduced = step + 1
+            if progress and (step + 1) % LOG_EVERY == 0:
+                bar.set_postfix(
+                    loss=f"{losses[step + 1 - LOG_EVERY : step + 1].mean().item():.4f}", refresh=False
+                )
     bar.close()
     return losses
 
@@ -148,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda when available, else cpu)",
+        help="torch device (default: cuda when available, else cpu); with --ddp, cpu or cuda",
     )
     parser.add_argument(
         "--seed", type=int, default=42, help="seeds the initial weights, batches and samples (default 42)"
@@ -157,27 +216,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-fused",
         dest="fused",
         action="store_false",
-        help="use torch's own BatchNorm1d, Tanh and cross_entropy",
+        help="use torch's own BatchNorm1d, Tanh and cross_entropy (and SyncBatchNorm, GPU only)",
     )
-    parser.add_argument("--json", metavar="PATH", help="write the losses, steps, seconds and samples as JSON")
+    parser.add_argument(
+        "--ddp",
+        action="store_true",
+        help="data-parallel training, one process per CPU or GPU, started by torchrun: "
+        "DistributedDataParallel with SyncBatchNorm over gloo (cpu) or NCCL (cuda, the GPU LOCAL_RANK), "
+        "e.g. `torchrun --nproc_per_node 2 -m fused_ops train --ddp`",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the split losses, steps, seconds, samples and per-step training losses as JSON",
+    )
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curve (needs matplotlib)")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Train, evaluate, sample and report, as the CLI's `train` command."""
+    """Train, evaluate, sample and report, as the CLI's `train` command; with --ddp, as one rank."""
     if args.steps < 1:
         sys.exit(f"error: --steps must be >= 1, got {args.steps}")
     if args.plot:
         _import_pyplot()  # fail before training, not after
-    config = TrainConfig(steps=args.steps, seed=args.seed, device=args.device, fused=args.fused)
+    if not args.ddp:
+        return run(args, ddp=None)
+    if not args.fused and args.device == "cpu":
+        sys.exit("error: --ddp --no-fused uses torch.nn.SyncBatchNorm, which runs on GPUs only")
+    try:
+        ddp = setup_ddp(args.device)
+    except (RuntimeError, ValueError) as error:
+        sys.exit(f"error: --ddp: {error}")
+    try:
+        return run(args, ddp)
+    finally:
+        cleanup_ddp()
+
+
+def run(args: argparse.Namespace, ddp: DDPInfo | None) -> int:
+    """The job on one process (ddp None) or as one rank of a data-parallel group that is set up."""
+    device = args.device if ddp is None else str(ddp.device)
+    config = TrainConfig(steps=args.steps, seed=args.seed, device=device, fused=args.fused)
     data = load_dataset()
     model = build_model(config, len(data.vocab), data.block_size)
-    print(
-        f"makemore MLP ({'fused_ops' if config.fused else 'torch'} modules, "
-        f"{sum(p.numel() for p in model.parameters())} parameters) on {config.device}: "
-        f"{config.steps} steps, batch {config.batch_size}, lr {config.lr} then {config.final_lr} "
-        f"from step {config.decay_step}"
-    )
+    reports = ddp is None or ddp.rank == 0  # evaluates, samples, prints and writes files
+    if reports:
+        print(
+            f"makemore MLP ({'fused_ops' if config.fused else 'torch'} modules, "
+            f"{sum(p.numel() for p in model.parameters())} parameters) on {_where(config, ddp)}: "
+            f"{config.steps} steps, batch {config.batch_size}, lr {config.lr} then {config.final_lr} "
+            f"from step {config.decay_step}"
+        )
+    trained = model if ddp is None else data_parallel(model, ddp)
+    group = None if ddp is None else dist.group.WORLD
     threads = torch.get_num_threads()
     if torch.device(config.device).type == "cpu":
         # (32, 200) matmuls are too small to split: extra intra-op threads only add synchronisation, and
@@ -185,12 +276,15 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        losses = train_model(model, data.train, config)
+        losses = train_model(trained, data.train, config, progress=reports, process_group=group)
         if torch.device(config.device).type == "cuda":
             torch.cuda.synchronize()
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
+    if not reports:
+        return 0
+    # Rank 0 alone, through the model itself: calling the DDP wrapper on one rank would wait for the others.
     results = {split: evaluate(model, getattr(data, split)) for split in ("train", "val", "test")}
     sample_generator = torch.Generator(device=config.device).manual_seed(config.seed)
     samples = sample_names(model, data.vocab, 20, generator=sample_generator)
@@ -203,9 +297,28 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {name}")
     if args.json:
         report = {f"{split}_loss": loss for split, loss in results.items()}
-        report.update(steps=config.steps, seconds=seconds, samples=samples)
+        report.update(
+            steps=config.steps,
+            seconds=seconds,
+            world_size=1 if ddp is None else ddp.world_size,
+            samples=samples,
+            losses=losses.tolist(),  # the training loss of every step, of the global batch
+        )
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     if args.plot:
         save_loss_plot(losses, args.plot)
     return 0
+
+
+def _where(config: TrainConfig, ddp: DDPInfo | None) -> str:
+    """Where the job runs: "cpu", or e.g.
+    "cpu, data-parallel over 3 processes (gloo; 11+11+10 rows of each batch)"."""
+    if ddp is None:
+        return config.device
+    shards = [shard_slice(config.batch_size, r, ddp.world_size) for r in range(ddp.world_size)]
+    rows = "+".join(str(s.stop - s.start) for s in shards)
+    return (
+        f"{ddp.device.type}, data-parallel over {ddp.world_size} process{'es' if ddp.world_size > 1 else ''} "
+        f"({dist.get_backend()}; {rows} rows of each batch)"
+    )

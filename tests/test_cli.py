@@ -26,8 +26,10 @@ def test_train_writes_json_and_png(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(json_path.read_text())
-    assert set(report) == {"train_loss", "val_loss", "test_loss", "steps", "seconds", "samples"}
-    assert report["steps"] == 200 and report["seconds"] > 0
+    assert set(report) == {"train_loss", "val_loss", "test_loss", "steps", "seconds", "world_size", "samples",
+                           "losses"}  # fmt: skip
+    assert report["steps"] == 200 and report["seconds"] > 0 and report["world_size"] == 1
+    assert len(report["losses"]) == 200 and report["losses"][-1] < report["losses"][0] - 0.3
     for split in ("train", "val", "test"):
         assert 2.0 < report[f"{split}_loss"] < 3.0  # learnt something in 200 steps: log(27) = 3.30
         assert f"{split} loss {report[f'{split}_loss']:.4f}" in result.stdout

@@ -1,10 +1,13 @@
-"""fused_ops.convert: BatchNorm1d swapped for the fused module, BN + Tanh/ReLU fused inside nn.Sequential."""
+"""fused_ops.convert: BatchNorm1d swapped for the fused module, BN + Tanh/ReLU fused inside nn.Sequential;
+with a process group, swapped for SyncBatchNorm over it (the multi-rank results: tests/test_ddp_train.py)."""
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import fused_ops
 from fused_ops.backend import use_backend
+from fused_ops.sync_batch_norm import SyncBatchNorm
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +100,7 @@ def test_convert_shared_module_shares_state():
     bn = nn.BatchNorm1d(3)
     model = nn.Sequential(nn.Linear(3, 3), bn, nn.Linear(3, 3), bn)
     fused_ops.convert(model)
+    assert type(model[1]) is type(model[3]) is fused_ops.BatchNorm1d  # both uses converted
     assert model[1].weight is model[3].weight and model[1].num_batches_tracked is model[3].num_batches_tracked
     model(torch.randn(6, 3))
     assert bn.num_batches_tracked.item() == 2
@@ -117,3 +121,60 @@ def test_convert_ignores_other_modules():
     before = list(model)
     fused_ops.convert(model)
     assert list(model) == before
+
+
+@pytest.fixture
+def world():
+    """A real process group of one rank (gloo, in this process): SyncBatchNorm over it computes its
+    statistics locally, without collectives, so it must match the unconverted model."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_convert_with_process_group_makes_every_batch_norm_sync(world):
+    reference = make_model()
+    model = make_model()
+    model.load_state_dict(reference.state_dict())
+    tensors = model.state_dict(keep_vars=True)
+
+    assert fused_ops.convert(model, process_group=world) is model
+    sync = [model[1], model[3][1], model[4].bn, model[5]]
+    assert all(type(m) is SyncBatchNorm and m.process_group is world for m in sync)
+    assert [m.activation for m in sync] == ["tanh", "relu", None, None]
+    assert isinstance(model[2], nn.Identity) and isinstance(model[4].act, nn.Tanh)
+    assert (model[4].bn.momentum, model[3][1].affine, model[5].track_running_stats) == (None, False, False)
+    assert model.state_dict(keep_vars=True).keys() == tensors.keys()
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+
+    batches = [torch.randn(16, 5) * 2 + 1 for _ in range(3)]
+    for got, exp in zip(train_steps(model, batches), train_steps(reference, batches), strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+    for (name, b), exp in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, exp, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_convert_with_process_group_turns_fused_modules_sync(world):
+    """fused_ops.BatchNorm1d (fused activation, unbiased kept) and a root BatchNorm1d become SyncBatchNorm."""
+    model = nn.Sequential(fused_ops.BatchNorm1d(4, unbiased=True, activation="relu"), nn.Linear(4, 4))
+    fused_ops.convert(model, process_group=world)
+    assert type(model[0]) is SyncBatchNorm and (model[0].activation, model[0].unbiased) == ("relu", True)
+    bn = fused_ops.BatchNorm1d(3, activation="tanh").eval()
+    root = fused_ops.convert(bn, process_group=world)
+    assert type(root) is SyncBatchNorm and root.activation == "tanh" and not root.training
+    assert root.weight is bn.weight and root.running_mean is bn.running_mean
+
+
+def test_existing_sync_batch_norm_keeps_its_group(world):
+    """Already synchronised modules stay as they are, and fusing an activation into one keeps its group."""
+    other = object()  # a group of the caller's: convert only passes it along
+    kept = SyncBatchNorm(4, activation="relu", process_group=other)
+    model = nn.Sequential(kept, nn.Linear(4, 4), SyncBatchNorm(4, process_group=other), nn.Tanh())
+    fused_ops.convert(model)
+    assert model[0] is kept
+    assert type(model[2]) is SyncBatchNorm and model[2].activation == "tanh" and model[2].process_group is other
+    assert isinstance(model[3], nn.Identity)
+    first = list(model)
+    fused_ops.convert(model, process_group=world)
+    assert list(model) == first  # nothing left to convert
