@@ -10,14 +10,14 @@ The choice comes from `use_backend(name)` when one is active, else from the envi
 `FUSED_OPS_BACKEND` (default "auto"). Forcing "triton" where it cannot run raises
 `BackendUnavailableError`; there is no silent fallback.
 """
+
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -37,12 +37,25 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+# torch.compile: dynamo traces the dispatch below like any Python code. The `use_backend` stack is a
+# threading.local, which dynamo reads and guards on (entering another backend recompiles). The three
+# process settings that follow are marked `assume_constant_result`: dynamo calls them once while it
+# traces and bakes the answer into the graph instead of tracing os.environ and importlib (which older
+# dynamo versions cannot trace or guard). Triton's presence and TRITON_INTERPRET (read by triton at its
+# import) cannot change within a process anyway; $FUSED_OPS_BACKEND is read when a model is compiled,
+# so set it before compiling, or switch with `use_backend`, which is guarded.
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty."""
+    return _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
+
+
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else `$FUSED_OPS_BACKEND`, else "auto"."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    return _env_backend()
 
 
 @contextlib.contextmanager
@@ -59,18 +72,27 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
-@functools.lru_cache(maxsize=None)
+_triton_available: bool | None = None  # cached: importing triton is slow, and its presence is fixed
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """True when `triton` is installed and imports."""
-    if importlib.util.find_spec("triton") is None:
-        return False
+    global _triton_available
+    if _triton_available is None:
+        _triton_available = importlib.util.find_spec("triton") is not None and _imports_triton()
+    return _triton_available
+
+
+def _imports_triton() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:  # a broken install counts as absent
+    except Exception:  # noqa: BLE001  (a broken install counts as absent)
         return False
     return True
 
 
+@torch.compiler.assume_constant_result
 def triton_interpreter_enabled() -> bool:
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1) on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
@@ -84,20 +106,35 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     name = requested_backend()
     if name == "torch":
         return False
-    devices = {t.device.type for t in tensors if t is not None}
-    on_cuda = devices == {"cuda"}
+    cuda = cpu = other = False
+    for t in tensors:  # a plain loop: cheaper per call than building a set of device types
+        if t is None:
+            continue
+        if t.is_cuda:
+            cuda = True
+        elif t.is_cpu:
+            cpu = True
+        else:
+            other = True
+    only_cuda, only_cpu = cuda and not (cpu or other), cpu and not (cuda or other)
     if name == "auto":
-        return on_cuda and triton_available()
+        return only_cuda and triton_available()
     if not triton_available():
         raise BackendUnavailableError(
             f"{op}: backend 'triton' was forced but triton is not installed; "
             f"install it with `pip install fused_ops[triton]` or use backend 'torch'/'auto'"
         )
-    if on_cuda:
+    if only_cuda:
         return True
-    if devices <= {"cpu"} and triton_interpreter_enabled():
+    if only_cpu and triton_interpreter_enabled():
+        if torch.compiler.is_compiling():  # dynamo traces only real (JIT) Triton kernels
+            raise BackendUnavailableError(
+                f"{op}: backend 'triton' on CPU tensors runs Triton's interpreter, which torch.compile "
+                f"cannot trace; use backend 'torch' or 'auto' under torch.compile on CPU"
+            )
         return True
+    devices = sorted({t.device.type for t in tensors if t is not None})
     raise BackendUnavailableError(
-        f"{op}: backend 'triton' was forced but the tensors are on {sorted(devices)}; the Triton kernels need "
+        f"{op}: backend 'triton' was forced but the tensors are on {devices}; the Triton kernels need "
         f"CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
     )

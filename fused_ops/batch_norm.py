@@ -124,9 +124,14 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, without a call into torch when it already is (each call costs ~1 us)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> (1, C) or (1, C, 1), to broadcast against the input."""
-    return t.view(1, -1) if ndim == 2 else t.view(1, -1, 1)
+    """(C,) -> a view that broadcasts against the input: (C,) itself for (N, C), (1, C, 1) for (N, C, L)."""
+    return t if ndim == 2 else t.view(1, -1, 1)
 
 
 def _reduce_dims(ndim: int) -> tuple[int, ...]:
@@ -136,10 +141,18 @@ def _reduce_dims(ndim: int) -> tuple[int, ...]:
 def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """Gradient at the activation's input, from the saved output y."""
     if activation == "tanh":
-        return dy * (1 - y.to(dy.dtype) ** 2)  # d tanh(u)/du = 1 - tanh(u)^2 = 1 - y^2
+        return torch.addcmul(dy, dy * y, y, value=-1)  # d tanh(u)/du = 1 - tanh(u)^2: dy - dy * y * y
     if activation == "relu":
         return dy * (y > 0)  # y = max(u, 0): du = dy where y > 0
     return dy
+
+
+def _update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float | torch.Tensor) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, computed in batch's dtype."""
+    if running.dtype == batch.dtype:
+        running.lerp_(batch, momentum)  # running + momentum * (batch - running)
+    else:  # fp16/bf16 running stats: update in float32, round once
+        running.copy_(running.to(batch.dtype).lerp_(batch, momentum))
 
 
 def forward_torch(
@@ -159,33 +172,42 @@ def forward_torch(
     Training normalises with the batch statistics and, when running stats are given, updates them in
     place with the unbiased variance: running = (1 - momentum) * running + momentum * batch.
     Eval normalises with the running stats.
+
+    The batch variance takes two passes, the mean and then the mean square of x - mean: accurate when
+    |mean| >> std, and on CPU far cheaper than torch.var_mean at small sizes (~80 us at (32, 200)).
     """
     stat = stat_dtype(x.dtype)
-    num_features = x.shape[1]
+    ndim, num_features = x.ndim, x.shape[1]
     count = x.numel() // max(num_features, 1)  # n = N * L values per feature
-    xs = x.to(stat)
+    xs = _to(x, stat)
     if not training:
-        mean = running_mean.to(stat)
-        invstd = torch.rsqrt(running_var.to(stat) + eps)
+        mean = _to(running_mean, stat)
+        invstd = torch.rsqrt(_to(running_var, stat) + eps)
+        centered = xs - _channel_view(mean, ndim)
     elif count == 0:  # as PyTorch: empty output, running stats untouched
         mean = torch.zeros(num_features, dtype=stat, device=x.device)
         invstd = torch.zeros_like(mean)
+        centered = xs
     else:
-        var, mean = torch.var_mean(xs, dim=_reduce_dims(x.ndim), correction=0)
+        dims = _reduce_dims(ndim)
+        mean = xs.mean(dims)
+        centered = xs - _channel_view(mean, ndim)
+        var = (centered * centered).mean(dims)  # biased: sum((x - mean)^2) / n
         var_unbiased = var * (count / (count - 1))
         invstd = torch.rsqrt((var_unbiased if unbiased else var) + eps)
         if running_mean is not None:
-            running_mean.copy_(running_mean.to(stat) * (1 - momentum) + mean * momentum)
-            running_var.copy_(running_var.to(stat) * (1 - momentum) + var_unbiased * momentum)
-    scale = invstd if weight is None else invstd * weight.to(stat)
-    out = (xs - _channel_view(mean, x.ndim)) * _channel_view(scale, x.ndim)  # gamma * xhat
-    if bias is not None:
-        out = out + _channel_view(bias.to(stat), x.ndim)
+            _update_running(running_mean, mean, momentum)
+            _update_running(running_var, var_unbiased, momentum)
+    scale = invstd if weight is None else invstd * _to(weight, stat)
+    if bias is None:
+        out = centered * _channel_view(scale, ndim)  # gamma * xhat
+    else:
+        out = torch.addcmul(_channel_view(_to(bias, stat), ndim), centered, _channel_view(scale, ndim))
     if activation == "tanh":
-        out = torch.tanh(out)
+        out = out.tanh_()
     elif activation == "relu":
-        out = torch.relu(out)
-    return out.to(x.dtype), mean, invstd
+        out = out.relu_()
+    return _to(out, x.dtype), mean, invstd
 
 
 def backward_torch(
@@ -204,24 +226,25 @@ def backward_torch(
     dgamma and dbeta come back in the statistics dtype; the caller casts them to weight/bias's dtype.
     """
     stat = mean.dtype
-    dims = _reduce_dims(x.ndim)
+    ndim = x.ndim
+    dims = _reduce_dims(ndim)
     count = x.numel() // max(x.shape[1], 1)
     if count == 0:  # empty batch: empty dx, zero dgamma and dbeta (as PyTorch)
         return torch.empty_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
-    g = _activation_grad(dy.to(stat), y, activation)
-    xhat = (x.to(stat) - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
+    g = _activation_grad(_to(dy, stat), y, activation)
+    xhat = (_to(x, stat) - _channel_view(mean, ndim)).mul_(_channel_view(invstd, ndim))
     sum_g = g.sum(dims)  # = dbeta
     sum_g_xhat = (g * xhat).sum(dims)  # = dgamma
-    scale = invstd if weight is None else invstd * weight.to(stat)
+    scale = invstd if weight is None else invstd * _to(weight, stat)
     if training:
         # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) with unbiased=True
         k = count / (count - 1) if unbiased else 1.0
-        mean_g = _channel_view(sum_g / count, x.ndim)
-        mean_g_xhat = _channel_view(sum_g_xhat * (k / count), x.ndim)
-        dx = _channel_view(scale, x.ndim) * (g - mean_g - xhat * mean_g_xhat)
+        centered_g = g - _channel_view(sum_g / count, ndim)
+        dx = torch.addcmul(centered_g, xhat, _channel_view(sum_g_xhat * (k / count), ndim), value=-1)
+        dx = dx.mul_(_channel_view(scale, ndim))
     else:
-        dx = g * _channel_view(scale, x.ndim)  # running stats are constants: dx = g * gamma * invstd_running
-    return dx.to(x.dtype), sum_g_xhat, sum_g
+        dx = g * _channel_view(scale, ndim)  # running stats are constants: dx = g * gamma * invstd_running
+    return _to(dx, x.dtype), sum_g_xhat, sum_g
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +298,8 @@ class BatchNormFunction(torch.autograd.Function):
         dx, dweight, dbias = backward(dy, x, y, weight, mean, invstd, training, unbiased, activation)
         needs_dx, needs_dweight, needs_dbias = ctx.needs_input_grad[:3]
         dx = dx if needs_dx else None
-        dweight = dweight.to(weight.dtype) if needs_dweight else None
-        dbias = dbias.to(ctx.bias_dtype) if needs_dbias else None
+        dweight = _to(dweight, weight.dtype) if needs_dweight else None
+        dbias = _to(dbias, ctx.bias_dtype) if needs_dbias else None
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
@@ -347,6 +370,8 @@ def batch_norm(
     0-dim tensor (e.g. 1 / num_batches_tracked for a cumulative average) so that it stays on device.
     activation: None, "tanh" or "relu", applied after the affine in the same kernel.
     fp16/bf16 input keeps fp32 statistics; weight, bias and running stats may be fp32 beside it.
+    Under torch.autocast it runs in input's dtype, as torch's batch_norm does (it is on none of
+    autocast's lists): bf16 in, bf16 out, float32 statistics.
     """
     _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
     return _batch_norm(

@@ -19,14 +19,20 @@ the logits); the backward only scales it by grad_output, on the device, with no 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
+from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
+INPUT_DTYPES = (torch.float64, *KERNEL_DTYPES)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -39,22 +45,23 @@ def _check_args(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
-    validate: bool,
 ) -> None:
-    """Raise a clear exception naming the bad argument; touch nothing."""
+    """Raise a clear exception naming the bad argument; touch nothing. Reads no tensor values (the
+    range of index targets is `_check_target_range`'s job)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
-    if input.dtype not in (torch.float64, *KERNEL_DTYPES):
+    if input.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"cross_entropy: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
         )
-    if input.dim() == 0:
+    ndim = input.dim()
+    if ndim == 0:
         raise ValueError(
             "cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor"
         )
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    num_classes = input.shape[0] if ndim == 1 else input.shape[1]
     if num_classes == 0:
         raise ValueError(f"cross_entropy: input has no classes (C = 0), shape {tuple(input.shape)}")
     if reduction not in REDUCTIONS:
@@ -95,23 +102,14 @@ def _check_args(
                 f"cross_entropy: target must hold class indices (int64, int32 or uint8) or class "
                 f"probabilities (the input's float dtype), got {target.dtype}"
             )
-        expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-        if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
-            raise ValueError(
-                f"cross_entropy: batch size mismatch: input has N={input.shape[0]}, "
-                f"target has {target.shape[0]}"
-            )
-        if target.shape != expected:
-            raise ValueError(
-                f"cross_entropy: for input of shape {tuple(input.shape)} an index target must have shape "
-                f"{tuple(expected)}, got {tuple(target.shape)}"
-            )
+        if not (ndim == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]):
+            _check_index_target_shape(input, target)  # (the common (N, C) with (N,) is fine as it is)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"cross_entropy: weight must be a Tensor or None, got {type(weight).__name__}")
         if not weight.is_floating_point():
             raise TypeError(f"cross_entropy: weight must be a float tensor, got {weight.dtype}")
-        if weight.shape != (num_classes,):
+        if weight.dim() != 1 or weight.shape[0] != num_classes:
             raise ValueError(
                 f"cross_entropy: weight must have shape (C,) = ({num_classes},), got {tuple(weight.shape)}"
             )
@@ -120,22 +118,63 @@ def _check_args(
                 "cross_entropy: weight requires grad, but gradients with respect to weight are not "
                 "computed (torch's nll_loss refuses them too); pass weight.detach()"
             )
+    device = input.device
     for name, tensor in (("target", target), ("weight", weight)):
-        if tensor is not None and tensor.device != input.device:
+        if tensor is not None and tensor.device != device:
             raise ValueError(
-                f"cross_entropy: {name} is on {tensor.device} but input is on {input.device}; "
+                f"cross_entropy: {name} is on {tensor.device} but input is on {device}; "
                 f"all tensors must be on the same device"
             )
 
-    # Range check of index targets: free on CPU (torch raises there too); on CUDA it costs a host sync,
-    # so it only runs with validate=True; otherwise an out-of-range row gives nan (see cross_entropy).
-    if not target.is_floating_point() and (validate or target.device.type == "cpu"):
-        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-        if bad.any():
-            raise IndexError(
-                f"cross_entropy: target holds {int(target[bad][0])}, outside [0, {num_classes}) "
-                f"and not ignore_index={ignore_index}"
-            )
+
+def _check_index_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
+    """An index target has input's shape without the class dim: (), (N,) or (N, d1, ..., dK)."""
+    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"cross_entropy: batch size mismatch: input has N={input.shape[0]}, target has {target.shape[0]}"
+        )
+    if target.shape != expected:
+        raise ValueError(
+            f"cross_entropy: for input of shape {tuple(input.shape)} an index target must have shape "
+            f"{tuple(expected)}, got {tuple(target.shape)}"
+        )
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """IndexError unless every index target lies in [0, C) or equals ignore_index.
+
+    Reads target values on the host: free on CPU (torch checks there too), a host sync on CUDA, where
+    it runs only with validate=True. One min/max pass decides the common case; the exact test, which
+    lets ignore_index through, runs only when some target lies outside [0, C).
+    """
+    if target.numel() == 0:
+        return
+    low, high = torch.aminmax(target)
+    if low.item() >= 0 and high.item() < num_classes:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        raise IndexError(
+            f"cross_entropy: target holds {int(target[bad][0])}, outside [0, {num_classes}) "
+            f"and not ignore_index={ignore_index}"
+        )
+
+
+# Under torch.compile the range check is this custom op: dynamo cannot trace `if bad.any(): raise`
+# (a data-dependent branch), and an op returning nothing would be dropped from the graph as dead code,
+# so the op returns a copy of the targets, which the loss then reads. Eager calls skip the op (and its
+# dispatch cost) and run `_check_target_range` directly.
+@torch.library.custom_op("fused_ops::check_targets", mutates_args=())
+def checked_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """target: index targets, any shape -> a copy of target, after `_check_target_range`."""
+    _check_target_range(target, num_classes, ignore_index)
+    return target.clone()
+
+
+@checked_targets.register_fake
+def _checked_targets_fake(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    return torch.empty_like(target)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +203,7 @@ def _as_rows(x: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _target_rows(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Index target -> (M,); probability target (input's shape) -> (M, C) with unit column stride."""
     if not target.is_floating_point():
-        return target.reshape(-1)
+        return target if target.dim() == 1 else target.reshape(-1)
     return _as_rows(target, num_classes)
 
 
@@ -172,12 +211,17 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """(M, C) -> input shape `shape` (a view; the inverse of `_as_rows`)."""
     if len(shape) > 2:
         return rows.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-    return rows.view(shape)
+    return rows if rows.shape == shape else rows.view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch reference path.
 # ----------------------------------------------------------------------------------------------------
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, without a call into torch when it already is (the common case costs ~1 us each)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def cross_entropy_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -186,66 +230,94 @@ def cross_entropy_reference(
     reduction: str,
     label_smoothing: float,
     need_grad: bool,
+    *,
+    loss_dtype: torch.dtype | None = None,
+    targets_in_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss and d(loss)/d(logits) for a unit upstream gradient, in plain PyTorch.
 
     logits: (M, C) float; target: (M,) class indices or (M, C) class probabilities; weight: (C,) or None.
-    Returns loss: () for "mean"/"sum", (M,) for "none", in logits.dtype; grad: (M, C) in logits.dtype,
-    or None when not need_grad. Statistics are computed in float32 (float64 for float64 logits).
-    A target outside [0, C) that is not ignore_index makes its row nan (its index is clamped for the
-    gather, so CUDA never sees an out-of-bounds read); no host sync anywhere.
+    Returns loss: () for "mean"/"sum", (M,) for "none", in loss_dtype (default logits.dtype); grad:
+    (M, C) in logits.dtype, or None when not need_grad. Statistics are computed in float32 (float64
+    for float64 logits). A target outside [0, C) that is not ignore_index makes its row nan (its index
+    is clamped for the gather, so CUDA never sees an out-of-bounds read); targets_in_range=True skips
+    that marking where `_check_target_range` has passed. No host sync anywhere.
+
+    At makemore sizes every tensor op costs microseconds of dispatch whatever its size, so the
+    formulas below are arranged to use few of them: scales are folded into (M,) vectors before they
+    touch an (M, C) tensor, and work that an option does not need is skipped.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows, num_classes = logits.shape
     eps = label_smoothing
-    logp = torch.log_softmax(logits.to(acc), dim=1)
-    w = None if weight is None else weight.to(acc)
+    logp = torch.log_softmax(_to(logits, acc), dim=1)
+    w = None if weight is None else _to(weight, acc)
 
     if target.is_floating_point():
-        q = target.to(acc) * (1.0 - eps) + eps / num_classes  # q_ic = w_c * ((1 - eps) * p_ic + eps / C)
+        q = _to(target, acc)  # q_ic = w_c * ((1 - eps) * p_ic + eps / C)
+        if eps > 0:
+            q = q * (1.0 - eps) + eps / num_classes
         if w is not None:
             q = q * w
-        row_loss = -(q * logp).sum(1)  # loss_i = -sum_c q_ic * logp_ic
-        active = None  # every row counts
-        denom = torch.full((), float(rows), dtype=acc, device=logits.device) if reduction == "mean" else None
-    else:
-        active = target != ignore_index
-        in_range = (target >= 0) & (target < num_classes)
-        y = torch.where(active & in_range, target, 0).long()  # clamped: safe gather for any target
-        w_y = active.to(acc) if w is None else torch.where(active, w[y], 0.0)
-        w_y = torch.where(active & ~in_range, float("nan"), w_y)  # out-of-range target -> nan row
-        nll = -logp.gather(1, y[:, None]).squeeze(1)
-        row_loss = (1.0 - eps) * w_y * nll
-        if eps > 0:  # torch adds the smoothing term only then (so -inf logits stay finite at eps = 0)
-            smooth = -(logp.sum(1) if w is None else (logp * w).sum(1))  # -sum_c w_c * logp_ic
-            row_loss = row_loss + torch.where(active, eps / num_classes * smooth, 0.0)
-        denom = w_y.sum() if reduction == "mean" else None  # sum of w[y_i] over non-ignored rows
-    if denom is not None:  # torch: a zero denominator gives nan (its nll term is 0 / 0), never inf
-        denom = torch.where(denom == 0, float("nan"), denom)
+        row_loss = (q * logp).sum(1).neg_()  # loss_i = -sum_c q_ic * logp_ic
+        loss = _reduce(row_loss, reduction, rows)  # "mean" divides by M (0 / 0 = nan for M = 0, as torch)
+        grad = None
+        if need_grad:
+            grad = logp.exp_().mul_(q.sum(1, keepdim=True)).sub_(q)  # softmax_ic * sum_c q_ic - q_ic
+            if reduction == "mean" and rows > 0:
+                grad = grad.div_(rows)
+        return _to(loss, loss_dtype or logits.dtype), None if grad is None else _to(grad, logits.dtype)
 
+    # Index targets: per-row values are (M, 1) columns, which broadcast against the (M, C) rows.
+    target = target.view(-1, 1)
+    active = target != ignore_index
+    y = target.clamp(0, num_classes - 1)  # a safe gather index for any target
+    if y.dtype != torch.int64:
+        y = y.long()
+    w_y = active.to(acc) if w is None else torch.where(active, w.take(y), 0.0)  # w[y_i], 0 if ignored
+    if not targets_in_range:
+        w_y = w_y.masked_fill(active & (y != target), float("nan"))  # out-of-range target -> nan row
+    row_loss = logp.gather(1, y).mul_(w_y)  # w[y_i] * logp_iy
+    row_loss = row_loss.neg_() if eps == 0 else row_loss.mul_(eps - 1.0)  # * -(1 - eps)
+    if eps > 0:  # torch adds the smoothing term only then (so -inf logits stay finite at eps = 0)
+        smooth = (logp if w is None else logp * w).sum(1, keepdim=True)  # sum_c w_c * logp_ic
+        row_loss = row_loss - torch.where(active, smooth, 0.0) * (eps / num_classes)
+    denom = None
+    if reduction == "mean":  # torch divides by sum_i w[y_i] over non-ignored rows
+        denom = w_y.sum()
+        if eps > 0:  # a zero denominator gives nan, as torch's nll term 0 / 0 does (without smoothing the
+            denom = torch.where(denom == 0, float("nan"), denom)  # numerator is 0 there: 0 / 0 already)
+    loss = _reduce(row_loss.view(-1) if reduction == "none" else row_loss, reduction, denom)
+    if not need_grad:
+        return _to(loss, loss_dtype or logits.dtype), None
+
+    # d(loss_i)/d(z_ic) = (softmax_ic * sum_c q_ic - q_ic) * s_i, where s_i is the reduction scale
+    # (1 / denom, or 1), 0 for an ignored row (exactly 0, also when denom = 0, as torch), and
+    # q_ic = (1 - eps) * w[y_i] * [c == y_i] + eps / C * w_c for the others.
+    if denom is None:  # s_i = 1: w_y is already 0 on ignored rows
+        row_scale = active.to(acc) if eps > 0 else None
+        q_y = w_y
+    else:
+        row_scale = torch.where(active, denom.reciprocal(), 0.0)
+        q_y = w_y * row_scale
+    q_sum = q_y  # s_i * sum_c q_ic
+    if eps > 0:
+        q_y = q_y * (1.0 - eps)
+        class_total = float(num_classes) if w is None else w.sum()  # sum_c w_c
+        q_sum = q_y + row_scale * class_total * (eps / num_classes)
+    grad = logp.exp_().mul_(q_sum)  # softmax_ic * s_i * sum_c q_ic
+    grad = grad.scatter_add_(1, y, q_y.neg())  # - s_i * (1 - eps) * w[y_i] at c = y_i
+    if eps > 0:  # - s_i * eps / C * w_c everywhere
+        grad = grad.sub_((row_scale if w is None else row_scale * w) * (eps / num_classes))
+    return _to(loss, loss_dtype or logits.dtype), _to(grad, logits.dtype)
+
+
+def _reduce(row_loss: torch.Tensor, reduction: str, denom: torch.Tensor | int | None) -> torch.Tensor:
+    """(M,) row losses -> (M,) for "none", their sum, or their sum / denom for "mean"."""
     if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() / denom  # all-ignored or N = 0: nan, as torch
-
-    grad = None
-    if need_grad:
-        if target.is_floating_point():
-            qsum = q.sum(1, keepdim=True)
-        else:
-            q = (eps / num_classes) * (torch.ones_like(logp) if w is None else w.expand_as(logp))
-            q = q * active[:, None]
-            q = q.scatter_add(1, y[:, None], ((1.0 - eps) * w_y)[:, None])  # + (1 - eps) * w[y_i] at c = y_i
-            qsum = q.sum(1, keepdim=True)
-        grad = logp.exp() * qsum - q  # d(loss_i)/d(z_ic) = softmax_ic * sum_c q_ic - q_ic
-        if denom is not None:
-            grad = grad / denom
-        if active is not None:  # ignored rows: exactly 0, also when denom = 0 (torch does the same)
-            grad = torch.where(active[:, None], grad, 0.0)
-        grad = grad.to(logits.dtype)
-    return loss.to(logits.dtype), grad
+        return row_loss
+    total = row_loss.sum()
+    return total if reduction == "sum" else total / denom
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,56 +338,87 @@ def _runs_triton(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return False
 
 
+class _Call(NamedTuple):
+    """What one cross_entropy call asks of the Function, beside its tensors."""
+
+    shape: torch.Size  # the logits' shape (input may be the base of a reshaping view, see _overwritable)
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    need_grad: bool  # input requires grad: the forward also computes the gradient
+    inplace: bool  # inplace_backward
+    triton: bool  # run the Triton kernels (else the PyTorch path)
+    loss_dtype: torch.dtype  # input's dtype, or float32 under autocast
+    targets_in_range: bool  # index targets were checked to lie in [0, C) or equal ignore_index
+
+
+def _kernels():
+    from fused_ops.kernels import cross_entropy as kernels  # lazily: only when Triton is chosen
+
+    return kernels
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss = cross_entropy(input, ...); its backward scales the gradient stored by the forward.
 
-    forward(input, target, weight, ignore_index, reduction, label_smoothing, need_grad, inplace, shape):
-    `input` is the logits, or, when inplace overwrites a reshaping view, that view's base; `shape` is
-    the logits' shape. Returns the loss, plus input when the gradient overwrote it (marked dirty).
+    forward(input, target, weight, call): `input` is the logits, or, when inplace overwrites a
+    reshaping view, that view's base; `call.shape` is the logits' shape. Returns the loss, plus input
+    when the gradient overwrote it (marked dirty).
 
     Backward: the PyTorch path returns stored * grad_output (a new tensor; repeated backward works, as
-    gradcheck needs). The Triton path scales the stored gradient in place (no N x C allocation; a no-op
-    where grad_output == 1), so a second backward through a retained graph raises instead.
+    gradcheck needs). The eager Triton path scales the stored gradient in place (no N x C allocation; a
+    no-op where grad_output == 1), so a second backward through a retained graph raises instead.
+
+    torch.compile: dynamo traces forward and backward. On the Triton path it sees the launchers'
+    `kernel[grid](...)` calls as user-defined Triton kernels, which Inductor compiles into its graph
+    along with the surrounding ops (see `fused_ops.kernels.cross_entropy` for why no custom op). The
+    backward then multiplies out of place, which Inductor fuses with what follows, instead of
+    scaling a saved tensor in place (a mutation that functionalization would turn into a copy anyway).
     """
 
     @staticmethod
-    def forward(
-        ctx, input, target, weight, ignore_index, reduction, label_smoothing, need_grad, inplace, shape
-    ):
+    def forward(ctx, input, target, weight, call: _Call):
         ctx.set_materialize_grads(False)
-        ctx.triton = _runs_triton(input, target, weight)
+        shape = call.shape
         logits = input if input.shape == shape else input.view(shape)
         num_classes = shape[0] if len(shape) == 1 else shape[1]
         rows = _as_rows(logits, num_classes)
         target_rows = _target_rows(target, num_classes)
-        ctx.overwrite = need_grad and inplace and _rows_alias(logits)  # gradient lands in input's memory
+        overwrite = call.need_grad and call.inplace and _rows_alias(logits)  # gradient into input's memory
 
-        if ctx.triton:
-            from fused_ops.kernels import cross_entropy as kernels
-
+        if call.triton:
             grad = None
-            if need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
-                grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-            loss = kernels.cross_entropy_forward(
+            if call.need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
+                grad = rows if call.inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+            loss = _kernels().cross_entropy_forward(
                 rows,
                 target_rows,
                 weight,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                label_smoothing=label_smoothing,
+                ignore_index=call.ignore_index,
+                reduction=call.reduction,
+                label_smoothing=call.label_smoothing,
                 grad=grad,
+                loss_dtype=call.loss_dtype,
             )
         else:
             loss, grad = cross_entropy_reference(
-                rows, target_rows, weight, ignore_index, reduction, label_smoothing, need_grad
+                rows,
+                target_rows,
+                weight,
+                call.ignore_index,
+                call.reduction,
+                call.label_smoothing,
+                call.need_grad,
+                loss_dtype=call.loss_dtype,
+                targets_in_range=call.targets_in_range,
             )
-            if ctx.overwrite:
+            if overwrite:
                 grad = rows.copy_(grad)
 
-        ctx.shape, ctx.reduction, ctx.consumed = shape, reduction, False
-        if reduction == "none":
+        ctx.call, ctx.overwrite, ctx.consumed = call, overwrite, False
+        if call.reduction == "none":
             loss = loss.view(shape[:1] + shape[2:] if len(shape) > 1 else ())  # the target's batch shape
-        if ctx.overwrite:
+        if overwrite:
             # Saved: input, whose memory now holds the (M, C) gradient; autograd's version counter then
             # catches any later write to it.
             ctx.mark_dirty(input)
@@ -337,30 +440,29 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "input cannot be used in further differentiable computation"
             )
         if grad_loss is None:
-            return (None,) * 9
+            return None, None, None, None
         (saved,) = ctx.saved_tensors
+        call = ctx.call
         grad_rows = saved
         if ctx.overwrite:  # saved is input (or its base): view its memory as the (M, C) rows again
-            logits = saved if saved.shape == ctx.shape else saved.view(ctx.shape)
-            grad_rows = _as_rows(logits, ctx.shape[0] if len(ctx.shape) == 1 else ctx.shape[1])
-        scale = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss  # (M,) or ()
+            logits = saved if saved.shape == call.shape else saved.view(call.shape)
+            grad_rows = _as_rows(logits, call.shape[0] if len(call.shape) == 1 else call.shape[1])
+        scale = grad_loss.reshape(-1) if call.reduction == "none" else grad_loss  # (M,) or ()
 
-        if ctx.triton:
-            from fused_ops.kernels import cross_entropy as kernels
-
+        if call.triton and not torch.compiler.is_compiling():
             if ctx.consumed:
                 raise RuntimeError(
                     "cross_entropy: a second backward through the same graph (retain_graph=True) is not "
                     "supported on the Triton path: the first one scaled the stored gradient in place"
                 )
             ctx.consumed = True
-            kernels.cross_entropy_backward(grad_rows, scale)  # in place; rows with scale == 1 are skipped
-        else:
-            grad_rows = grad_rows * (scale[:, None] if scale.dim() else scale)
-        if ctx.overwrite and ctx.triton:
-            return (saved,) + (None,) * 8
-        grad_input = _from_rows(grad_rows, ctx.shape)
-        return (grad_input.view(saved.shape) if ctx.overwrite else grad_input,) + (None,) * 8
+            _kernels().cross_entropy_backward(grad_rows, scale)  # in place; rows with scale == 1 skipped
+            if ctx.overwrite:
+                return saved, None, None, None
+        else:  # the product is float32 for an (M,) float32 grad_output beside half logits (autocast)
+            grad_rows = _to(grad_rows * (scale.unsqueeze(1) if scale.dim() else scale), grad_rows.dtype)
+        grad_input = _from_rows(grad_rows, call.shape)
+        return (grad_input.view(saved.shape) if ctx.overwrite else grad_input), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,6 +505,7 @@ def cross_entropy(
     *,
     inplace_backward: bool = False,
     validate: bool = False,
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Cross-entropy between logits and targets: the values and gradients of `F.cross_entropy`.
 
@@ -410,7 +513,8 @@ def cross_entropy(
     target: class indices of shape (), (N,) or (N, d1, ..., dK), int64/int32/uint8; or class
         probabilities with the shape and dtype of input.
     weight: (C,) class weights (any float dtype), or None.
-    Returns a scalar for reduction "mean"/"sum", the target's batch shape for "none", in input.dtype.
+    Returns a scalar for reduction "mean"/"sum", the target's batch shape for "none", in input.dtype
+    (float32 under autocast).
 
     The forward also computes d(loss)/d(input) when input requires grad, and the backward only scales
     it by grad_output. (N, C, d1, ..., dK) inputs are first copied to (M, C) rows, class dim last.
@@ -427,34 +531,125 @@ def cross_entropy(
         skipped and an out-of-range target makes its row's loss and gradient nan (and the "mean"/"sum"
         result nan); the kernels clamp the index, so the CUDA context is never corrupted.
 
+    Under torch.autocast (CPU or CUDA) the loss is float32, as torch's: autocast lists cross_entropy
+    among its float32 ops. Half logits are not copied to float32 for it: the statistics are float32
+    anyway, so only the loss is written in float32 (the gradient keeps the logits' dtype, as torch's
+    does). A probability target whose dtype differs from input's is cast with input to float32, as
+    autocast does. Under torch.compile: the CPU range check of the targets runs as the custom op
+    `fused_ops::check_targets`, and inplace_backward raises (RuntimeError).
+
+    process_group: a torch.distributed group over which input (and weight) are sharded along the class
+        dimension, each rank holding a contiguous slice of the classes in rank order, with target
+        replicated: vocab-parallel cross-entropy (`fused_ops.vocab_parallel_cross_entropy`; index
+        targets only, no inplace_backward). The loss comes back on every rank; each rank's gradient is
+        its slice of the full one. None (the default): input holds every class.
+
     Differences from torch: int32 targets are accepted; weight may have any float dtype; probability
-    targets must have input's dtype; gradients flow only to input (not to weight or target); C = 0 is
-    refused; double backward (create_graph=True) raises RuntimeError.
+    targets must have input's dtype (outside autocast); gradients flow only to input (not to weight or
+    target); C = 0 is refused; double backward (create_graph=True) raises RuntimeError.
     """
-    _check_args(input, target, weight, ignore_index, reduction, label_smoothing, validate)
+    if process_group is not None:
+        return _vocab_parallel(
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            inplace_backward,
+            validate,
+            process_group,
+        )
+    autocast = _autocast_float32(input, target)
+    if autocast and target.dtype in KERNEL_DTYPES and target.dtype != input.dtype:
+        input, target = input.float(), target.float()
+    _check_args(input, target, weight, ignore_index, reduction, label_smoothing)
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    targets_in_range = not target.is_floating_point() and (validate or target.is_cpu)
+    if targets_in_range:
+        if torch.compiler.is_compiling():
+            target = checked_targets(target, num_classes, ignore_index)
+        else:
+            _check_target_range(target, num_classes, ignore_index)
     need_grad = input.requires_grad and torch.is_grad_enabled()
     owner = input
-    if need_grad and inplace_backward and _rows_alias(input):
-        owner = _overwritable(input)
-    out = CrossEntropyFunction.apply(
-        owner,
+    if need_grad and inplace_backward:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "cross_entropy(inplace_backward=True) is eager-only: under torch.compile the overwrite "
+                "would become a copy (functionalization), saving no memory; use inplace_backward=False, "
+                "the compiler plans the gradient's buffer itself"
+            )
+        if _rows_alias(input):
+            owner = _overwritable(input)
+    call = _Call(
+        shape=input.shape,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        need_grad=need_grad,
+        inplace=bool(inplace_backward),
+        triton=_runs_triton(input, target, weight),
+        loss_dtype=torch.float32 if autocast and input.dtype in HALF_DTYPES else input.dtype,
+        targets_in_range=targets_in_range,
+    )
+    out = CrossEntropyFunction.apply(owner, target, weight, call)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _vocab_parallel(
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    inplace_backward: bool,
+    validate: bool,
+    process_group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """cross_entropy(..., process_group=pg): logits and weight sharded along the classes; see
+    `fused_ops.vocab_parallel_cross_entropy`."""
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"cross_entropy: process_group must be a torch.distributed ProcessGroup or None, "
+            f"got {type(process_group).__name__}"
+        )
+    if inplace_backward:
+        raise ValueError(
+            "cross_entropy: inplace_backward=True is not supported with process_group (vocab-parallel "
+            "logits keep their memory); pass inplace_backward=False"
+        )
+    return vocab_parallel_cross_entropy(
+        logits_shard,
         target,
+        process_group,
         weight,
         ignore_index,
         reduction,
-        float(label_smoothing),
-        need_grad,
-        bool(inplace_backward),
-        input.shape,
+        label_smoothing,
+        validate=validate,
     )
-    return out[0] if isinstance(out, tuple) else out
+
+
+def _autocast_float32(input: object, target: object) -> bool:
+    """True when autocast is on for input's device (CPU or CUDA) and would run cross_entropy (one of
+    its float32 ops) on float32 copies of fp16/bf16/fp32 input and target."""
+    return (
+        isinstance(input, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and input.dtype in KERNEL_DTYPES
+        and input.device.type in ("cpu", "cuda")
+        and torch.is_autocast_enabled(input.device.type)
+    )
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in `nn.CrossEntropyLoss` running `fused_ops.cross_entropy`.
 
-    Same constructor arguments and state_dict keys as torch's, plus the keyword-only `inplace_backward`
-    and `validate` of `cross_entropy`. input: (C,), (N, C) or (N, C, d1, ..., dK); see `cross_entropy`.
+    Same constructor arguments and state_dict keys as torch's, plus the keyword-only `inplace_backward`,
+    `validate` and `process_group` of `cross_entropy` (with a process group, `weight` is this rank's
+    slice of the class weights). input: (C,), (N, C) or (N, C, d1, ..., dK); see `cross_entropy`.
     """
 
     def __init__(
@@ -468,10 +663,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         *,
         inplace_backward: bool = False,
         validate: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
         self.validate = validate
+        self.process_group = process_group
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
@@ -483,6 +680,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             self.label_smoothing,
             inplace_backward=self.inplace_backward,
             validate=self.validate,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -116,6 +116,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         reduction: str,
         label_smoothing: float,
         process_group: dist.ProcessGroup | None,
+        validate: bool,
     ) -> torch.Tensor:
         distributed = is_distributed(process_group)
         acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
@@ -126,8 +127,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         valid = target != ignore_index
         out_of_range = valid & ((target < 0) | (target >= num_classes))
         # As fused_ops.cross_entropy: raise on CPU (free there; every rank raises alike, as the target is
-        # replicated); on other devices an out-of-range row gets a nan loss and gradient, with no host sync.
-        if target.device.type == "cpu" and out_of_range.any():
+        # replicated) and with validate=True (one host sync); otherwise an out-of-range row gets a nan
+        # loss and gradient, with no host sync.
+        if (validate or target.device.type == "cpu") and out_of_range.any():
             raise IndexError(
                 f"vocab_parallel_cross_entropy: target holds {int(target[out_of_range][0])}, outside "
                 f"[0, {int(num_classes)}) and not ignore_index={ignore_index}"
@@ -208,7 +210,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             local_index = torch.where(owned, local_target, 0).unsqueeze(1)
             onehot_term = torch.where(owned, (1 - eps) * w_y * scale, 0.0).unsqueeze(1)
             dz = dz.scatter_add(1, local_index, -onehot_term)
-        return dz.to(logits_shard.dtype), None, None, None, None, None, None
+        return dz.to(logits_shard.dtype), None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -219,6 +221,8 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    validate: bool = False,
 ) -> torch.Tensor:
     """F.cross_entropy over logits sharded along the class dimension (dim 1) across `process_group`.
 
@@ -230,6 +234,8 @@ def vocab_parallel_cross_entropy(
     plain cross-entropy and runs no collective. Returns the loss on every rank, in logits_shard's dtype:
     (N, d1, ..., dK) for reduction="none", else a scalar. Each rank then receives its slice of the gradient.
     Every rank of the group must call it (and backward) together, with the same target.
+    An index target outside [0, C) that is not ignore_index raises IndexError on CPU, and on other
+    devices with validate=True (one host sync); otherwise its row's loss and gradient are nan.
     """
     _check_args(logits_shard, target, weight, ignore_index, reduction, label_smoothing)
     unbatched = logits_shard.ndim == 1
@@ -244,6 +250,7 @@ def vocab_parallel_cross_entropy(
         reduction,
         float(label_smoothing),
         process_group,
+        bool(validate),
     )
     if reduction == "none":
         return loss.reshape(target.shape)

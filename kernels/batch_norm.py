@@ -21,6 +21,10 @@ stats back); x, y, dy and dx are fp32, fp16 or bf16. Closed forms as in `fused_o
     dx = gamma * invstd * (g - sum(g)/n - xhat * sum(g * xhat) * k/n)   training; k = n/(n-1) if unbiased
     dx = g * gamma * invstd                                             eval
 with g = dy * act'(.) read from the saved output y.
+
+torch.compile traces the launchers and sees these kernels as user-defined Triton kernels (see
+`fused_ops.kernels.cross_entropy` for why no custom op). Block sizes depend on N only through its
+power-of-two bucket (`_next_power_of_2`), so a dynamic batch size recompiles once per bucket.
 """
 from __future__ import annotations
 
@@ -543,6 +547,19 @@ def _num_warps(tile_elements: int) -> int:
     return max(1, min(MAX_WARPS, tile_elements // (32 * ELEMENTS_PER_THREAD)))
 
 
+def _next_power_of_2(n: int, cap: int) -> int:
+    """min(the smallest power of two >= n, cap), cap a power of two.
+
+    A loop of comparisons rather than bit tricks: under torch.compile with a dynamic batch size each
+    comparison becomes a guard on n, so block sizes (constexprs) stay plain ints, and one compiled
+    graph serves a whole bucket of sizes (16 < N <= 32, ...): at most log2(cap) + 1 compilations.
+    """
+    p = 1
+    while p < n and p < cap:
+        p *= 2
+    return p
+
+
 def launch_settings(N: int, C: int, L: int, max_tile: int = MAX_TILE) -> LaunchSettings:
     """Deterministic launch settings for an (N, C, L) input ((N, C) is L = 1).
 
@@ -555,16 +572,17 @@ def launch_settings(N: int, C: int, L: int, max_tile: int = MAX_TILE) -> LaunchS
     """
     if max_tile < MIN_BLOCK_C or max_tile & (max_tile - 1):
         raise ValueError(f"max_tile must be a power of two >= {MIN_BLOCK_C}, got {max_tile}")
-    block_n, block_l = triton.next_power_of_2(N), triton.next_power_of_2(L)
+    # Capped at 2 * max_tile: past max_tile the on-chip test fails, and the split regime caps it lower.
+    block_n, block_l = _next_power_of_2(N, 2 * max_tile), _next_power_of_2(L, 2 * max_tile)
     min_block_c = MIN_BLOCK_C if L == 1 else 1
     if block_n * block_l * min_block_c <= max_tile:
-        block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C, max_tile // (block_n * block_l))
+        block_c = min(_next_power_of_2(C, MAX_BLOCK_C), max_tile // (block_n * block_l))
         tile = Tile(block_n, block_c, block_l, _num_warps(block_n * block_c * block_l))
         return _checked(LaunchSettings(True, tile, N, 1), C)
     split_tile = min(SPLIT_TILE, max_tile)
     block_l = min(block_l, split_tile)
-    block_c = min(triton.next_power_of_2(C), SPLIT_BLOCK_C, split_tile // block_l)
-    block_n = min(triton.next_power_of_2(N), split_tile // (block_l * block_c))
+    block_c = min(_next_power_of_2(C, SPLIT_BLOCK_C), split_tile // block_l)
+    block_n = min(block_n, split_tile // (block_l * block_c))
     tile = Tile(block_n, block_c, block_l, _num_warps(block_n * block_c * block_l))
     tiles_per_row = triton.cdiv(L, block_l)
     rows_per_split = block_n * max(1, TILES_PER_SPLIT // tiles_per_row)

@@ -33,10 +33,25 @@ add M*C*b of target reads (twice in the two-sweep regime).
 
 Out-of-range index targets (not ignore_index, outside [0, C)) are clamped for every read and make their
 row's loss and gradient nan, and the "mean" denominator nan: no device assert, no host sync.
+
+torch.compile. The launchers are called straight from the autograd Functions in fused_ops, and dynamo
+traces them: each `kernel[grid](...)` becomes a user-defined Triton kernel in the graph (a
+`triton_kernel_wrapper_mutation` node), which Inductor compiles and schedules with the ops around it.
+No torch.library custom op (`triton_op` + `wrap_triton`) is registered, because (1) the autograd
+Function already holds the backward, which a custom op would need again via register_autograd; (2)
+eager calls would pay the dispatcher's per-call cost, or need a second, op-free eager path; (3)
+PyTorch's own guidance prefers plain user-defined kernels unless the op must behave like a built-in
+(tensor subclasses, dispatch modes, export). What tracing asks of the launchers: Python on shapes
+only (no tensor values), and no tensor passed to two pointer arguments that may both be written
+(functionalisation clones each written argument on its own, which would split the alias; hence one
+Loss_ptr for the per-row and the reduced loss). Without a gradient, Grad_ptr is the logits, never
+written: compiled, that costs a copy of the logits (the mutation analysis sees the store, not that
+write_grad is 0 at run time).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -84,8 +99,7 @@ def cross_entropy_fwd_kernel(
     T_ptr,  # (M,) int64 class indices, or (M, C) probabilities (logits' dtype)
     W_ptr,  # (C,) float32 class weights, read only when HAS_WEIGHT
     Grad_ptr,  # (M, C) gradient out (logits' dtype), written only when write_grad
-    Loss_ptr,  # (M,) per-row loss out (logits' dtype), reduction "none"
-    Out_ptr,  # () reduced loss out (logits' dtype), "mean"/"sum" with a single program
+    Loss_ptr,  # loss out (loss dtype): (M,) per row for "none", () for "mean"/"sum" with one program
     Partial_ptr,  # (num_programs,) float32 per-program sums, "mean"/"sum" with several programs
     DenomPartial_ptr,  # (num_denom_partials,) float32 partial sums of w[y_i], index "mean", several programs
     # strides (elements; columns are unit-stride)
@@ -229,7 +243,7 @@ def cross_entropy_fwd_kernel(
     else:
         total = tl.sum(loss, axis=0)  # fixed-order tree: deterministic
         if tl.num_programs(0) == 1:
-            tl.store(Out_ptr, total.to(Out_ptr.dtype.element_ty))
+            tl.store(Loss_ptr, total.to(Loss_ptr.dtype.element_ty))
         else:
             tl.store(Partial_ptr + pid, total)
 
@@ -265,7 +279,7 @@ def cross_entropy_denom_kernel(
 def cross_entropy_finish_kernel(
     # pointers
     Partial_ptr,  # (num_partials,) float32
-    Out_ptr,  # () loss out (logits' dtype)
+    Out_ptr,  # () loss out (loss dtype)
     # sizes
     num_partials,
     # constexprs
@@ -371,19 +385,21 @@ def cross_entropy_forward(
     reduction: str,
     label_smoothing: float,
     grad: torch.Tensor | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Loss of (M, C) logits; writes d(loss)/d(logits) for a unit grad_output into `grad` when given.
 
     logits: (M, C), unit column stride. target: (M,) class indices (int32/uint8 are converted to int64:
     one extra small launch) or (M, C) probabilities in logits.dtype with unit column stride.
     weight: (C,) or None (converted to float32 if needed). grad: (M, C) with unit column stride, may be
-    logits itself (inplace). Returns () for "mean"/"sum", (M,) for "none", in logits.dtype.
+    logits itself (inplace). Returns () for "mean"/"sum", (M,) for "none", in loss_dtype: logits.dtype
+    by default, or float32 beside half logits (autocast's dtype for cross_entropy).
     Launches: one forward when the rows fit one program; else denominator ("mean" with index targets)
     + forward + finish ("mean"/"sum").
     """
     num_rows, num_classes = logits.shape
     settings = forward_settings(num_classes)
-    dtype, device = logits.dtype, logits.device
+    dtype, device = loss_dtype or logits.dtype, logits.device
     code = REDUCTION_CODES[reduction]
     if num_rows == 0:  # as torch: mean of nothing is nan, sum is 0
         if code == 0:
@@ -426,7 +442,6 @@ def cross_entropy_forward(
         W_ptr=partial if weight is None else weight,
         Grad_ptr=logits if grad is None else grad,
         Loss_ptr=out,
-        Out_ptr=out,
         Partial_ptr=partial,
         DenomPartial_ptr=denom_partial,
         stride_xm=logits.stride(0),
@@ -483,47 +498,49 @@ def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> Non
 # Specialisations, for tests/compile_kernels.py.
 # ----------------------------------------------------------------------------------------------------
 def specializations() -> Iterator[KernelSpec]:
-    """Every (kernel, dtype, constexpr) combination the launchers above can choose."""
+    """Every (kernel, dtype, constexpr) combination the launchers above can choose. The loss (and so
+    grad_output, the backward's scale) has the logits' dtype, or float32 beside half logits under
+    autocast."""
     for dtype in TORCH_TO_TRITON.values():
-        for rung in FORWARD_LADDER:
-            for has_weight in (False, True):
-                for prob in (False, True):
-                    signature = {
-                        "X_ptr": f"*{dtype}",
-                        "T_ptr": f"*{dtype}" if prob else "*i64",
-                        "W_ptr": "*fp32",
-                        "Grad_ptr": f"*{dtype}",
-                        "Loss_ptr": f"*{dtype}",
-                        "Out_ptr": f"*{dtype}",
-                        "Partial_ptr": "*fp32",
-                        "DenomPartial_ptr": "*fp32",
-                        "stride_xm": "i32",
-                        "stride_tm": "i32",
-                        "stride_gm": "i32",
-                        "M": "i32",
-                        "C": "i32",
-                        "ignore_index": "i32",
-                        "label_smoothing": "fp32",
-                        "inv_rows": "fp32",
-                        "num_denom_partials": "i32",
-                        "reduction": "i32",
-                        "write_grad": "i32",
-                    }
-                    constexprs = {
-                        "HAS_WEIGHT": has_weight,
-                        "PROB_TARGET": prob,
-                        "SINGLE_PASS": rung.SINGLE_PASS,
-                        "BLOCK_N": rung.BLOCK_N,
-                        "BLOCK_C": rung.BLOCK_C,
-                        "DENOM_BLOCK": DENOM_BLOCK,
-                    }
-                    signature.update(dict.fromkeys(constexprs, "constexpr"))
-                    yield KernelSpec(cross_entropy_fwd_kernel, signature, constexprs, rung.num_warps)
-        for _, block_n, block_c, num_warps in BACKWARD_LADDER:
+        loss_dtypes = (dtype,) if dtype == "fp32" else (dtype, "fp32")
+        for rung, has_weight, prob, loss in itertools.product(
+            FORWARD_LADDER, (False, True), (False, True), loss_dtypes
+        ):
+            signature = {
+                "X_ptr": f"*{dtype}",
+                "T_ptr": f"*{dtype}" if prob else "*i64",
+                "W_ptr": "*fp32",
+                "Grad_ptr": f"*{dtype}",
+                "Loss_ptr": f"*{loss}",
+                "Partial_ptr": "*fp32",
+                "DenomPartial_ptr": "*fp32",
+                "stride_xm": "i32",
+                "stride_tm": "i32",
+                "stride_gm": "i32",
+                "M": "i32",
+                "C": "i32",
+                "ignore_index": "i32",
+                "label_smoothing": "fp32",
+                "inv_rows": "fp32",
+                "num_denom_partials": "i32",
+                "reduction": "i32",
+                "write_grad": "i32",
+            }
+            constexprs = {
+                "HAS_WEIGHT": has_weight,
+                "PROB_TARGET": prob,
+                "SINGLE_PASS": rung.SINGLE_PASS,
+                "BLOCK_N": rung.BLOCK_N,
+                "BLOCK_C": rung.BLOCK_C,
+                "DENOM_BLOCK": DENOM_BLOCK,
+            }
+            signature.update(dict.fromkeys(constexprs, "constexpr"))
+            yield KernelSpec(cross_entropy_fwd_kernel, signature, constexprs, rung.num_warps)
+        for (_, block_n, block_c, num_warps), loss in itertools.product(BACKWARD_LADDER, loss_dtypes):
             constexprs = {"BLOCK_N": block_n, "BLOCK_C": block_c}
             signature = {
                 "Grad_ptr": f"*{dtype}",
-                "Scale_ptr": f"*{dtype}",
+                "Scale_ptr": f"*{loss}",
                 "stride_gm": "i32",
                 "stride_s": "i32",
                 "M": "i32",
@@ -532,13 +549,14 @@ def specializations() -> Iterator[KernelSpec]:
                 "BLOCK_C": "constexpr",
             }
             yield KernelSpec(cross_entropy_bwd_kernel, signature, constexprs, num_warps)
-        signature = {
-            "Partial_ptr": "*fp32",
-            "Out_ptr": f"*{dtype}",
-            "num_partials": "i32",
-            "BLOCK": "constexpr",
-        }
-        yield KernelSpec(cross_entropy_finish_kernel, signature, {"BLOCK": FINISH_BLOCK}, 4, hot=False)
+        for loss in loss_dtypes:
+            signature = {
+                "Partial_ptr": "*fp32",
+                "Out_ptr": f"*{loss}",
+                "num_partials": "i32",
+                "BLOCK": "constexpr",
+            }
+            yield KernelSpec(cross_entropy_finish_kernel, signature, {"BLOCK": FINISH_BLOCK}, 4, hot=False)
     for has_weight in (False, True):
         constexprs = {"HAS_WEIGHT": has_weight, "BLOCK_N": DENOM_BLOCK_N}
         signature = {

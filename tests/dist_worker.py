@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fused_ops.backend import use_backend
 from fused_ops.convert import convert
+from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
 from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm
 from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
@@ -115,6 +116,15 @@ def run_bad_input(case: dict, rank: int, world_size: int, group) -> dict:
     return {"errors": errors, "calls": dict(calls), "unchanged": unchanged, "good": good.detach()}
 
 
+def _sharded_cross_entropy(api: str, logits, target, weight, group, **options) -> torch.Tensor:
+    """The sharded loss through one of the three public entry points."""
+    if api == "vocab_parallel":
+        return vocab_parallel_cross_entropy(logits, target, group, weight=weight, **options)
+    if api == "cross_entropy":
+        return cross_entropy(logits, target, weight, process_group=group, **options)
+    return CrossEntropyLoss(weight, process_group=group, **options)(logits, target)  # the module
+
+
 def run_cross_entropy(case: dict, rank: int, world_size: int, group) -> dict:
     """Each option on this rank's class slice: loss and the gradient slice, plus collective counts."""
     width = case["widths"][rank]
@@ -124,11 +134,12 @@ def run_cross_entropy(case: dict, rank: int, world_size: int, group) -> dict:
         logits = case["logits"].narrow(1, offset, width).clone().requires_grad_()
         weight = None if option["weight"] is None else option["weight"][offset : offset + width]
         with count_collectives() as forward_calls:
-            loss = vocab_parallel_cross_entropy(
+            loss = _sharded_cross_entropy(
+                case.get("api", "vocab_parallel"),
                 logits,
                 option.get("target", case["target"]),
+                weight,
                 group,
-                weight=weight,
                 ignore_index=option["ignore_index"],
                 reduction=option["reduction"],
                 label_smoothing=option["label_smoothing"],

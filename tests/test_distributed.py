@@ -446,8 +446,8 @@ def _scenarios(world: int) -> dict[str, dict]:
                 gen, torch.bfloat16, 6, 5, [[6, 10], [9, 0]], [3, 2], activation="tanh"
             ),
             "bad_input": _bad_input_case(gen, world),
-            # C = 27 (the makemore vocabulary) split 14 + 13
-            "ce_27_uneven": dict(_ce_case(gen, f64, [14, 13], 12), group="WORLD"),
+            # C = 27 (the makemore vocabulary) split 14 + 13, through fused_ops.cross_entropy(process_group=)
+            "ce_27_uneven": dict(_ce_case(gen, f64, [14, 13], 12), group="WORLD", api="cross_entropy"),
             # (N, C, d): 3 x 10 x 4 logits, 7 + 3 classes
             "ce_3d": _ce_case(gen, f64, [7, 3], 3, extra_dims=(4,)),
             # fp32, C = 1001 (odd, not divisible by 2)
@@ -481,7 +481,9 @@ def _scenarios(world: int) -> dict[str, dict]:
         # C = 7 with a rank holding no classes at all
         "ce_empty_shard": _ce_case(gen, f64, [5, 0, 2], 9),
         # subgroups: group ranks differ from global ranks, and the third rank must not be waited for
-        "ce_subgroup_1_2": dict(_ce_case(gen, f64, [4, 7], 5), group=[1, 2]),
+        "ce_subgroup_1_2": dict(
+            _ce_case(gen, f64, [4, 7], 5), group=[1, 2], api="module"
+        ),  # CrossEntropyLoss
         "bn_subgroup_0_2": dict(
             _bn_case(gen, f64, 3, None, [[3, 2], [0, 4]], [1, 1], activation="tanh"), group=[0, 2]
         ),
@@ -649,3 +651,44 @@ def test_double_backward_raises():
     (grad,) = torch.autograd.grad(loss, logits, grad_output, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate"):
         grad.sum().backward()
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of this process alone (destroyed afterwards): a real ProcessGroup with no peers."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_entropy_process_group_routes_to_vocab_parallel(one_rank_group):
+    """fused_ops.cross_entropy(..., process_group=pg) and CrossEntropyLoss(process_group=pg) shard the
+    classes over pg (one rank: every class), match F.cross_entropy, and refuse what sharding cannot do."""
+    logits = torch.randn(6, 27, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 27, (6,))
+    target[1] = -100
+    weight = torch.rand(27, dtype=torch.float64) + 0.1
+    options = dict(weight=weight, label_smoothing=0.1, reduction="sum")
+    ours = fused_ops.cross_entropy(logits, target, process_group=one_rank_group, **options)
+    (grad,) = torch.autograd.grad(ours, logits)
+    theirs = F.cross_entropy(logits, target, **options)
+    (expected,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(grad, expected)
+    module = fused_ops.CrossEntropyLoss(weight, label_smoothing=0.1, process_group=one_rank_group)
+    torch.testing.assert_close(
+        module(logits, target), F.cross_entropy(logits, target, weight, label_smoothing=0.1)
+    )
+
+    with pytest.raises(ValueError, match="inplace_backward"):
+        fused_ops.cross_entropy(logits * 1, target, process_group=one_rank_group, inplace_backward=True)
+    with pytest.raises(TypeError, match="process_group"):
+        fused_ops.cross_entropy(logits, target, process_group="world")
+    with pytest.raises(TypeError, match="class-probability"):
+        fused_ops.cross_entropy(logits, logits.softmax(1).detach(), process_group=one_rank_group)
+    with pytest.raises(IndexError, match="outside"):
+        fused_ops.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 4, 27]), process_group=one_rank_group)
