@@ -3,13 +3,15 @@
 `kernels/` (device code) is installed as the subpackage `fused_ops.kernels`, never as a
 top-level `kernels` module: that import name belongs to an unrelated PyPI package.
 """
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="fused_ops",
     version="0.1.0",
     description="Fused cross-entropy and BatchNorm for PyTorch: Triton kernels, analytic PyTorch path",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",

@@ -31,8 +31,9 @@ class Environment:
         lines = [
             f"device: {self.device_name}",
             (
-                f"torch {self.torch_version}, triton {self.triton_version}, Liger-Kernel {self.liger_version}, "
-                f"Python {self.python_version}; torch CPU threads: {self.threads}"
+                f"torch {self.torch_version}, triton {self.triton_version}, "
+                f"Liger-Kernel {self.liger_version}, Python {self.python_version}; "
+                f"torch CPU threads: {self.threads}"
             ),
             f"date: {self.date}",
             f"copy bandwidth (dst.copy_(src), read + write): {self.copy_gbps:.1f} GB/s",

@@ -72,9 +72,9 @@ def format_table(rows: list[Row]) -> str:
     widths = [
         max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
     ]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     return "\n".join(out)
 
 
@@ -156,7 +156,7 @@ def _sweep_figure(plt, op: str, dtype: str, rows: list[Row]):
 def _makemore_figure(plt, rows: list[Row]):
     sizes = [s for s in ops.MAKEMORE_SIZES.values() if any(r.shape == s.label for r in rows)]
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    for ax, size in zip(axes[0], sizes, strict=True):
         selected = [r for r in rows if r.shape == size.label]
         ax.bar([r.provider for r in selected], [r.median_ms for r in selected])
         ax.set_title(f"makemore step, {size.name} ({rows[0].device})\n{size.label}", fontsize=9)

@@ -101,7 +101,7 @@ def _cuda_loop(fn: Callable[[], object], prepare: Callable[[], None], n: int) ->
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return _summary([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+    return _summary([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)])
 
 
 def _measure_cpu(timed: Timed, reps: int, prepare: Callable[[], None]) -> Timing:

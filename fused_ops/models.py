@@ -61,7 +61,8 @@ class MLP(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, block_size) int64 -> logits (B, vocab_size), and the mean loss when targets (B,) is given."""
+        """idx: (B, block_size) int64 -> logits (B, vocab_size), and the mean loss when targets (B,) is
+        given."""
         logits = self.net(idx)
         loss = None if targets is None else self.loss_fn(logits, targets)
         return logits, loss

@@ -33,8 +33,10 @@ def resource_usage(cubin: bytes, name: str) -> tuple[int, int]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
-    match = re.search(rf"Function {re.escape(name)}:\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+        dump = [tool, "--dump-resource-usage", path]
+        out = subprocess.run(dump, capture_output=True, text=True, check=True).stdout
+    usage = r"\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)"
+    match = re.search(rf"Function {re.escape(name)}:{usage}", out)
     if match is None:
         raise RuntimeError(f"no resource usage for {name} in:\n{out}")
     regs, stack, local = (int(g) for g in match.groups())
@@ -50,6 +52,11 @@ def compile_spec(spec, arch: int) -> tuple[int, int]:
     return resource_usage(compiled.asm["cubin"], compiled.metadata.name)
 
 
+def pointer_dtypes(spec) -> str:
+    """The distinct element types of a specialisation's pointer arguments, in order: "bf16,i64,fp32"."""
+    return ",".join(dict.fromkeys(t[1:] for t in spec.signature.values() if t.startswith("*")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
@@ -59,22 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
 
     failures = 0
-    print(f"{'kernel':<44} {'arch':>5} {'warps':>5} {'regs':>5} {'spill':>6}  constexprs")
+    columns = f"{'arch':>5} {'warps':>5} {'regs':>5} {'spill':>6}"
+    print(f"{'kernel':<32} {'pointer dtypes':<18} {columns}  constexprs")
     for module_name in args.module:
         module = importlib.import_module(f"fused_ops.kernels.{module_name}")
         for spec in module.specializations():
             for arch in args.arch:
-                label = spec.kernel.fn.__name__
+                label = f"{spec.kernel.fn.__name__:<32} {pointer_dtypes(spec):<18}"
                 try:
                     regs, spill = compile_spec(spec, arch)
-                except Exception as exc:  # report every failure, then fail the run
+                except Exception as exc:  # noqa: BLE001  (report every failure, then fail the run)
                     failures += 1
-                    print(f"{label:<44} sm_{arch:<2} FAILED: {type(exc).__name__}: {exc}")
+                    print(f"{label} sm_{arch:<2} FAILED: {type(exc).__name__}: {exc}")
                     continue
                 bad = spill > 0 and spec.hot
                 failures += bad
                 flag = "  SPILLS IN HOT KERNEL" if bad else ""
-                print(f"{label:<44} sm_{arch:<2} {spec.num_warps:>5} {regs:>5} {spill:>6}  {spec.constexprs}{flag}")
+                usage = f"{spec.num_warps:>5} {regs:>5} {spill:>6}"
+                print(f"{label} sm_{arch:<2} {usage}  {spec.constexprs}{flag}")
     print(f"compile check: {failures} failure(s)")
     return 1 if failures else 0
 

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fused_ops.backend import triton_available  # noqa: E402  (after TRITON_INTERPRET is set)
+from fused_ops.backend import triton_available
 
 
 @pytest.fixture(autouse=True)

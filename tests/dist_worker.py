@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fused_ops.backend import use_backend
 from fused_ops.convert import convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
-from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm
+from fused_ops.sync_batch_norm import SyncBatchNorm
 from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
 CASE_TIMEOUT = datetime.timedelta(seconds=20)  # each collective of a case's own group
@@ -167,7 +167,7 @@ def run_ddp_step(case: dict, rank: int, world_size: int, group) -> dict:
         nn.Linear(*case["sizes"][1:]),
     ).to(case["x"].dtype)
     model.load_state_dict(case["state"])
-    model = convert_sync_batch_norm(convert(model), group)  # BatchNorm1d + Tanh -> SyncBatchNorm(tanh)
+    model = convert(model, process_group=group)  # BatchNorm1d + Tanh -> SyncBatchNorm(tanh)
     ddp = DistributedDataParallel(model, process_group=group)
     rows = rows_of(case["counts"], rank)
     logits = ddp(case["x"][rows])
@@ -218,7 +218,7 @@ def main(rank: int, world_size: int, port: int, workdir: str) -> None:
             try:
                 with use_backend(case.get("backend", "auto")):
                     results[name] = RUNNERS[case["kind"]](case, members.index(rank), len(members), group)
-            except Exception:  # reported by that case's test; the other cases still run
+            except Exception:  # noqa: BLE001  (reported by that case's test; the other cases still run)
                 results[name] = {"error": traceback.format_exc()}
         torch.save(results, f"{workdir}/rank{rank}.pt")
     finally:

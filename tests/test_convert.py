@@ -65,7 +65,8 @@ def test_convert_nested_model_matches_unconverted():
     assert isinstance(model[2], nn.Identity)
     assert isinstance(model[3][1], fused_ops.BatchNorm1d) and model[3][1].activation == "relu"
     assert isinstance(model[3][2], nn.Identity)
-    assert isinstance(model[4].bn, fused_ops.BatchNorm1d) and model[4].bn.activation is None  # not in a Sequential
+    # model[4] is not a Sequential: its BatchNorm1d converts, the activation stays apart
+    assert isinstance(model[4].bn, fused_ops.BatchNorm1d) and model[4].bn.activation is None
     assert isinstance(model[4].act, nn.Tanh)
     assert isinstance(model[5], fused_ops.BatchNorm1d) and not model[5].track_running_stats
     assert model[4].bn.momentum is None and model[3][1].affine is False
@@ -76,9 +77,9 @@ def test_convert_nested_model_matches_unconverted():
     assert list(model.state_dict()) == list(reference.state_dict())
 
     batches = [torch.randn(16, 5) * 2 + 1 for _ in range(3)]
-    for got, exp in zip(train_steps(model, batches), train_steps(reference, batches)):
+    for got, exp in zip(train_steps(model, batches), train_steps(reference, batches), strict=True):
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
-    for (name, b), exp in zip(model.named_buffers(), reference.buffers()):
+    for (name, b), exp in zip(model.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(b, exp, atol=1e-5, rtol=1e-4, msg=name)
     model.eval(), reference.eval()
     x = torch.randn(4, 5)
@@ -173,7 +174,8 @@ def test_existing_sync_batch_norm_keeps_its_group(world):
     model = nn.Sequential(kept, nn.Linear(4, 4), SyncBatchNorm(4, process_group=other), nn.Tanh())
     fused_ops.convert(model)
     assert model[0] is kept
-    assert type(model[2]) is SyncBatchNorm and model[2].activation == "tanh" and model[2].process_group is other
+    assert type(model[2]) is SyncBatchNorm and model[2].activation == "tanh"
+    assert model[2].process_group is other
     assert isinstance(model[3], nn.Identity)
     first = list(model)
     fused_ops.convert(model, process_group=world)

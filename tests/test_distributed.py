@@ -38,9 +38,9 @@ from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 WORKER = Path(__file__).with_name("dist_worker.py")
 GROUP_TIMEOUT_S = 150  # the whole job, start-up included (collective timeouts: tests/dist_worker.py)
 TOLERANCES = {
-    torch.float64: dict(atol=1e-10, rtol=1e-9),
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float64: {"atol": 1e-10, "rtol": 1e-9},
+    torch.float32: {"atol": 2e-5, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
 }  # bf16: parameters' grads and state (rounded to bf16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)  # y and dx judged against torch's own error in the dtype
 # The forced-Triton scenario runs the BatchNorm kernels through the interpreter on the workers' CPU tensors.
@@ -125,7 +125,7 @@ def run_group(world: int, cases: dict, workdir: Path) -> list[dict] | str:
 def _bn_case(gen, dtype, num_features, length, step_counts, eval_counts, **module) -> dict:
     """A SyncBatchNorm scenario: global batches (x, dy) split into rows per rank, random initial state."""
     module = dict(
-        dict(momentum=0.1, affine=True, track_running_stats=True, unbiased=False, activation=None),
+        {"momentum": 0.1, "affine": True, "track_running_stats": True, "unbiased": False, "activation": None},
         num_features=num_features,
         **module,
     )
@@ -297,7 +297,7 @@ def _bad_input_case(gen, world: int) -> dict:
     counts = [3] * world
     return {
         "kind": "bad_input",
-        "module": dict(num_features=4),
+        "module": {"num_features": 4},
         "state": bn.state_dict(),
         "counts": counts,
         "bad_inputs": [
@@ -329,20 +329,20 @@ def _ce_case(gen, dtype, widths, n, extra_dims=(), options=None, all_ignored=Fal
     weight = (torch.rand(num_classes, generator=gen, dtype=torch.float64) + 0.2).to(dtype)
     if options is None:  # the full grid
         options = [
-            dict(reduction=r, label_smoothing=s, weight=w, ignore_index=-100)
+            {"reduction": r, "label_smoothing": s, "weight": w, "ignore_index": -100}
             for r in ("mean", "sum", "none")
             for s in (0.0, 0.1)
             for w in (None, weight)
         ]
         # ignore_index naming a real class (rows of class 2 drop out), with smoothing and weights
         options.append(
-            dict(
-                reduction="mean",
-                label_smoothing=0.2,
-                weight=weight,
-                ignore_index=2,
-                target=torch.where(target == -100, 2, target),
-            )
+            {
+                "reduction": "mean",
+                "label_smoothing": 0.2,
+                "weight": weight,
+                "ignore_index": 2,
+                "target": torch.where(target == -100, 2, target),
+            }
         )
     for option in options:
         shape = target.shape if option["reduction"] == "none" else ()
@@ -459,7 +459,7 @@ def _scenarios(world: int) -> dict[str, dict]:
                 6,
                 all_ignored=True,
                 options=[
-                    dict(reduction=r, label_smoothing=0.1, weight=None, ignore_index=-100)
+                    {"reduction": r, "label_smoothing": 0.1, "weight": None, "ignore_index": -100}
                     for r in ("mean", "sum")
                 ],
             ),
@@ -627,18 +627,18 @@ def test_single_process_vocab_parallel_gradcheck(shape, reduction):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(logits_shard=torch.randint(0, 3, (4, 5))), TypeError, "logits_shard"),
-        (dict(target=torch.zeros(4)), TypeError, "target"),
-        (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target"),
-        (dict(weight=torch.ones(4)), ValueError, "weight"),
-        (dict(reduction="avg"), ValueError, "reduction"),
-        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
-        (dict(target=torch.tensor([0, 1, 7, 2])), IndexError, "outside"),
-        (dict(weight=torch.ones(5, requires_grad=True)), ValueError, "weight"),
+        ({"logits_shard": torch.randint(0, 3, (4, 5))}, TypeError, "logits_shard"),
+        ({"target": torch.zeros(4)}, TypeError, "target"),
+        ({"target": torch.zeros(3, dtype=torch.long)}, ValueError, "target"),
+        ({"weight": torch.ones(4)}, ValueError, "weight"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"target": torch.tensor([0, 1, 7, 2])}, IndexError, "outside"),
+        ({"weight": torch.ones(5, requires_grad=True)}, ValueError, "weight"),
     ],
 )
 def test_vocab_parallel_bad_input(kwargs, error, match):
-    args = dict(logits_shard=torch.randn(4, 5), target=torch.tensor([0, 1, 4, -100]))
+    args = {"logits_shard": torch.randn(4, 5), "target": torch.tensor([0, 1, 4, -100])}
     args.update(kwargs)
     with pytest.raises(error, match=match):
         vocab_parallel_cross_entropy(**args)
@@ -672,7 +672,7 @@ def test_cross_entropy_process_group_routes_to_vocab_parallel(one_rank_group):
     target = torch.randint(0, 27, (6,))
     target[1] = -100
     weight = torch.rand(27, dtype=torch.float64) + 0.1
-    options = dict(weight=weight, label_smoothing=0.1, reduction="sum")
+    options = {"weight": weight, "label_smoothing": 0.1, "reduction": "sum"}
     ours = fused_ops.cross_entropy(logits, target, process_group=one_rank_group, **options)
     (grad,) = torch.autograd.grad(ours, logits)
     theirs = F.cross_entropy(logits, target, **options)

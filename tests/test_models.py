@@ -44,7 +44,7 @@ def test_fused_model_uses_the_fused_modules():
 
 def test_same_generator_seed_gives_the_same_weights_fused_or_not():
     fused, plain = make(True, seed=3), make(False, seed=3)
-    for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items()):
+    for (name, a), (_, b) in zip(fused.state_dict().items(), plain.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(make(False, seed=4).net[0].weight, plain.net[0].weight)
 

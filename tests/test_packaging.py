@@ -16,12 +16,14 @@ SKIP = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__"
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
-    """A wheel built from a copy of the source tree (building in place would write build/ into the checkout)."""
+    """A wheel built from a copy of the source tree (building in place would write build/ into the
+    checkout)."""
     source = tmp_path_factory.mktemp("source") / "fused_ops"
     shutil.copytree(REPO, source, ignore=SKIP)
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(out)],
         cwd=source, check=False, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr
