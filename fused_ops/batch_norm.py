@@ -33,8 +33,11 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------------
 # Argument checks: every misuse raises here, before anything (running stats included) is touched.
 # ----------------------------------------------------------------------------------------------------
-def _check_channel_tensor(name: str, t: object, input: torch.Tensor) -> None:
-    """A (C,) float tensor on input's device, of input's dtype (or float32 beside fp16/bf16 input)."""
+def _check_channel_tensor(
+    name: str, t: object, input: torch.Tensor, allowed: tuple[torch.dtype, ...]
+) -> None:
+    """A (C,) float tensor on input's device, of a dtype in `allowed` (input's, and float32 beside
+    fp16/bf16 input)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"batch_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     num_features = input.shape[1]
@@ -43,7 +46,6 @@ def _check_channel_tensor(name: str, t: object, input: torch.Tensor) -> None:
             f"batch_norm: {name} must have shape ({num_features},) to match input's C = {num_features}, "
             f"got {tuple(t.shape)}"
         )
-    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
     if t.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
         raise TypeError(f"batch_norm: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
@@ -82,6 +84,7 @@ def _check_args(
         raise ValueError(
             "batch_norm: running_mean and running_var are required in eval mode (training=False)"
         )
+    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -89,7 +92,7 @@ def _check_args(
         ("bias", bias),
     ):
         if t is not None:
-            _check_channel_tensor(name, t, input)
+            _check_channel_tensor(name, t, input, allowed)
     if isinstance(momentum, torch.Tensor):
         if momentum.ndim != 0 or not momentum.is_floating_point():
             raise TypeError(
@@ -98,12 +101,12 @@ def _check_args(
             )
         if momentum.device != input.device:
             raise ValueError(f"batch_norm: momentum is on {momentum.device} but input is on {input.device}")
-    elif not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
+    elif not _is_real(momentum):
         raise TypeError(
             f"batch_norm: momentum must be a float or a 0-dim float tensor (for a cumulative average pass "
             f"1 / num_batches_tracked), got {type(momentum).__name__}"
         )
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+    if not _is_real(eps):
         raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
     if not isinstance(unbiased, bool):
         raise TypeError(f"batch_norm: unbiased must be a bool, got {type(unbiased).__name__}")
@@ -114,6 +117,11 @@ def _check_args(
             "batch_norm: expected more than 1 value per channel when training, "
             f"got input size {tuple(input.shape)}"
         )
+
+
+def _is_real(value: object) -> bool:
+    """A real number and not a bool; a float is answered without numbers.Real's slower ABC check."""
+    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,8 +148,9 @@ def _reduce_dims(ndim: int) -> tuple[int, ...]:
 
 def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """Gradient at the activation's input, from the saved output y."""
-    if activation == "tanh":
-        return torch.addcmul(dy, dy * y, y, value=-1)  # d tanh(u)/du = 1 - tanh(u)^2: dy - dy * y * y
+    if activation == "tanh":  # d tanh(u)/du = 1 - tanh(u)^2: dy - dy * y * y, written over y * y
+        y_sq = _to(y, dy.dtype).square()  # in dy's (statistics) dtype, also beside fp16/bf16 y
+        return torch.addcmul(dy, dy, y_sq, value=-1, out=y_sq)
     if activation == "relu":
         return dy * (y > 0)  # y = max(u, 0): du = dy where y > 0
     return dy
@@ -174,35 +183,36 @@ def forward_torch(
     Eval normalises with the running stats.
 
     The batch variance takes two passes, the mean and then the mean square of x - mean: accurate when
-    |mean| >> std, and on CPU far cheaper than torch.var_mean at small sizes (~80 us at (32, 200)).
+    |mean| >> std, and on CPU far cheaper than torch.var_mean (~80 us at (32, 200), and slower than
+    these passes at (4096, 1024) too). The output is written over x - mean, a temporary of our own,
+    so that a large input costs no further N x C allocation.
     """
     stat = stat_dtype(x.dtype)
     ndim, num_features = x.ndim, x.shape[1]
     count = x.numel() // max(num_features, 1)  # n = N * L values per feature
+    if count == 0:  # as PyTorch: empty output, zero statistics, running stats untouched
+        mean = torch.zeros(num_features, dtype=stat, device=x.device)
+        return torch.empty_like(x), mean, torch.zeros_like(mean)
     xs = _to(x, stat)
     if not training:
         mean = _to(running_mean, stat)
         invstd = torch.rsqrt(_to(running_var, stat) + eps)
         centered = xs - _channel_view(mean, ndim)
-    elif count == 0:  # as PyTorch: empty output, running stats untouched
-        mean = torch.zeros(num_features, dtype=stat, device=x.device)
-        invstd = torch.zeros_like(mean)
-        centered = xs
     else:
         dims = _reduce_dims(ndim)
         mean = xs.mean(dims)
         centered = xs - _channel_view(mean, ndim)
         var = (centered * centered).mean(dims)  # biased: sum((x - mean)^2) / n
-        var_unbiased = var * (count / (count - 1))
+        var_unbiased = var * (count / (count - 1)) if unbiased or running_mean is not None else None
         invstd = torch.rsqrt((var_unbiased if unbiased else var) + eps)
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var_unbiased, momentum)
-    scale = invstd if weight is None else invstd * _to(weight, stat)
-    if bias is None:
-        out = centered * _channel_view(scale, ndim)  # gamma * xhat
+    scale = _channel_view(invstd if weight is None else invstd * _to(weight, stat), ndim)
+    if bias is None:  # y = gamma * xhat (+ beta), in place over `centered`
+        out = centered.mul_(scale)
     else:
-        out = torch.addcmul(_channel_view(_to(bias, stat), ndim), centered, _channel_view(scale, ndim))
+        out = torch.addcmul(_channel_view(_to(bias, stat), ndim), centered, scale, out=centered)
     if activation == "tanh":
         out = out.tanh_()
     elif activation == "relu":
@@ -224,6 +234,8 @@ def backward_torch(
     """dy, x (and y when activation is set): (N, C) or (N, C, L) -> (dx like x, dgamma (C,), dbeta (C,)).
 
     dgamma and dbeta come back in the statistics dtype; the caller casts them to weight/bias's dtype.
+    xhat is never formed: the closed form is rearranged so that invstd and gamma meet only (C,) vectors,
+    and dx is written over the temporary g * (x - mean), with no further N x C allocation.
     """
     stat = mean.dtype
     ndim = x.ndim
@@ -232,24 +244,34 @@ def backward_torch(
     if count == 0:  # empty batch: empty dx, zero dgamma and dbeta (as PyTorch)
         return torch.empty_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
     g = _activation_grad(_to(dy, stat), y, activation)
-    xhat = (_to(x, stat) - _channel_view(mean, ndim)).mul_(_channel_view(invstd, ndim))
+    centered = _to(x, stat) - _channel_view(mean, ndim)
     sum_g = g.sum(dims)  # = dbeta
-    sum_g_xhat = (g * xhat).sum(dims)  # = dgamma
+    g_centered = g * centered
+    sum_g_xhat = g_centered.sum(dims).mul_(invstd)  # = dgamma: sum(g * xhat) = invstd * sum(g * (x - mean))
     scale = invstd if weight is None else invstd * _to(weight, stat)
     if training:
-        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) with unbiased=True
+        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) with unbiased=True;
+        # with scale = gamma*invstd and xhat = (x - mean)*invstd, two passes over N x C:
+        # dx = g*scale - sum(g)*scale/n - (x - mean) * (k/n) * sum(g*xhat)*invstd*scale
         k = count / (count - 1) if unbiased else 1.0
-        centered_g = g - _channel_view(sum_g / count, ndim)
-        dx = torch.addcmul(centered_g, xhat, _channel_view(sum_g_xhat * (k / count), ndim), value=-1)
-        dx = dx.mul_(_channel_view(scale, ndim))
+        shift = (sum_g * scale).mul_(-1.0 / count)
+        dx = torch.addcmul(_channel_view(shift, ndim), g, _channel_view(scale, ndim), out=g_centered)
+        dx = dx.addcmul_(centered, _channel_view(sum_g_xhat * invstd * scale, ndim), value=-k / count)
     else:
-        dx = g * _channel_view(scale, ndim)  # running stats are constants: dx = g * gamma * invstd_running
+        # running stats are constants: dx = g * gamma * invstd_running
+        dx = torch.mul(g, _channel_view(scale, ndim), out=g_centered)
     return _to(dx, x.dtype), sum_g_xhat, sum_g
 
 
 # ----------------------------------------------------------------------------------------------------
 # autograd Function
 # ----------------------------------------------------------------------------------------------------
+def _kernels():
+    from fused_ops.kernels import batch_norm as kernels  # lazily: only when Triton is chosen
+
+    return kernels
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = activation(gamma * xhat + beta); backward is the closed form in the module docstring."""
 
@@ -268,12 +290,7 @@ class BatchNormFunction(torch.autograd.Function):
         activation: str | None,
         triton: bool,
     ) -> torch.Tensor:
-        if triton:
-            from fused_ops.kernels import batch_norm as kernels
-
-            forward = kernels.batch_norm_forward
-        else:
-            forward = forward_torch
+        forward = _kernels().batch_norm_forward if triton else forward_torch
         y, mean, invstd = forward(
             input, weight, bias, running_mean, running_var, momentum, eps, training, unbiased, activation
         )
@@ -289,12 +306,7 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, invstd, y = ctx.saved_tensors
         training, unbiased, activation, triton = ctx.config
-        if triton:
-            from fused_ops.kernels import batch_norm as kernels
-
-            backward = kernels.batch_norm_backward
-        else:
-            backward = backward_torch
+        backward = _kernels().batch_norm_backward if triton else backward_torch
         dx, dweight, dbias = backward(dy, x, y, weight, mean, invstd, training, unbiased, activation)
         needs_dx, needs_dweight, needs_dbias = ctx.needs_input_grad[:3]
         dx = dx if needs_dx else None
@@ -329,10 +341,12 @@ def _batch_norm(
     unbiased: bool,
     activation: str | None,
 ) -> torch.Tensor:
-    """`batch_norm` after `_check_args`: picks the backend once and applies the Function."""
+    """`batch_norm` after `_check_args`: picks the backend once and applies the Function, or, when no
+    gradient is needed, runs the forward alone (the same output and running-stat update, without the
+    cost of recording an autograd node)."""
     momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
     triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, momentum_tensor)
-    return BatchNormFunction.apply(
+    args = (
         input,
         weight,
         bias,
@@ -343,8 +357,15 @@ def _batch_norm(
         training,
         unbiased,
         activation,
-        triton,
     )
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return BatchNormFunction.apply(*args, triton)
+    with torch.no_grad():  # as inside Function.forward: the ops skip autograd's bookkeeping
+        return (_kernels().batch_norm_forward if triton else forward_torch)(*args)[0]
 
 
 def batch_norm(

@@ -250,7 +250,7 @@ def cross_entropy_reference(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows, num_classes = logits.shape
     eps = label_smoothing
-    logp = torch.log_softmax(_to(logits, acc), dim=1)
+    logp = torch.log_softmax(logits, dim=1, dtype=acc)  # half logits: cast inside the op, no extra copy
     w = None if weight is None else _to(weight, acc)
 
     if target.is_floating_point():
@@ -358,6 +358,55 @@ def _kernels():
     return kernels
 
 
+def _forward(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, call: _Call
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """The forward of `CrossEntropyFunction`, also run alone when no gradient is needed.
+
+    input: the logits, or the base of a reshaping view of shape `call.shape` (see `_overwritable`).
+    Returns the loss (() or the target's batch shape), the (M, C) gradient for a unit grad_output
+    (None unless call.need_grad) and whether that gradient overwrote input's memory.
+    """
+    shape = call.shape
+    logits = input if input.shape == shape else input.view(shape)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    rows = _as_rows(logits, num_classes)
+    target_rows = _target_rows(target, num_classes)
+    overwrite = call.need_grad and call.inplace and _rows_alias(logits)  # gradient into input's memory
+
+    if call.triton:
+        grad = None
+        if call.need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
+            grad = rows if call.inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        loss = _kernels().cross_entropy_forward(
+            rows,
+            target_rows,
+            weight,
+            ignore_index=call.ignore_index,
+            reduction=call.reduction,
+            label_smoothing=call.label_smoothing,
+            grad=grad,
+            loss_dtype=call.loss_dtype,
+        )
+    else:
+        loss, grad = cross_entropy_reference(
+            rows,
+            target_rows,
+            weight,
+            call.ignore_index,
+            call.reduction,
+            call.label_smoothing,
+            call.need_grad,
+            loss_dtype=call.loss_dtype,
+            targets_in_range=call.targets_in_range,
+        )
+        if overwrite:
+            grad = rows.copy_(grad)
+    if call.reduction == "none":
+        loss = loss.view(shape[:1] + shape[2:] if len(shape) > 1 else ())  # the target's batch shape
+    return loss, grad, overwrite
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss = cross_entropy(input, ...); its backward scales the gradient stored by the forward.
 
@@ -379,45 +428,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, call: _Call):
         ctx.set_materialize_grads(False)
-        shape = call.shape
-        logits = input if input.shape == shape else input.view(shape)
-        num_classes = shape[0] if len(shape) == 1 else shape[1]
-        rows = _as_rows(logits, num_classes)
-        target_rows = _target_rows(target, num_classes)
-        overwrite = call.need_grad and call.inplace and _rows_alias(logits)  # gradient into input's memory
-
-        if call.triton:
-            grad = None
-            if call.need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
-                grad = rows if call.inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-            loss = _kernels().cross_entropy_forward(
-                rows,
-                target_rows,
-                weight,
-                ignore_index=call.ignore_index,
-                reduction=call.reduction,
-                label_smoothing=call.label_smoothing,
-                grad=grad,
-                loss_dtype=call.loss_dtype,
-            )
-        else:
-            loss, grad = cross_entropy_reference(
-                rows,
-                target_rows,
-                weight,
-                call.ignore_index,
-                call.reduction,
-                call.label_smoothing,
-                call.need_grad,
-                loss_dtype=call.loss_dtype,
-                targets_in_range=call.targets_in_range,
-            )
-            if overwrite:
-                grad = rows.copy_(grad)
-
+        loss, grad, overwrite = _forward(input, target, weight, call)
         ctx.call, ctx.overwrite, ctx.consumed = call, overwrite, False
-        if call.reduction == "none":
-            loss = loss.view(shape[:1] + shape[2:] if len(shape) > 1 else ())  # the target's batch shape
         if overwrite:
             # Saved: input, whose memory now holds the (M, C) gradient; autograd's version counter then
             # catches any later write to it.
@@ -593,6 +605,9 @@ def cross_entropy(
         loss_dtype=torch.float32 if autocast and input.dtype in HALF_DTYPES else input.dtype,
         targets_in_range=targets_in_range,
     )
+    if not need_grad:  # no autograd node to record: the forward alone, as the Function runs it
+        with torch.no_grad():
+            return _forward(input, target, weight, call)[0]
     out = CrossEntropyFunction.apply(owner, target, weight, call)
     return out[0] if isinstance(out, tuple) else out
 
