@@ -699,7 +699,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
     def extra_repr(self) -> str:
+        sharded = "" if self.process_group is None else ", vocab-parallel over process_group"
         return (
             f"reduction={self.reduction!r}, inplace_backward={self.inplace_backward}, "
-            f"validate={self.validate}"
+            f"validate={self.validate}{sharded}"
         )

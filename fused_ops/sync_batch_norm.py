@@ -23,19 +23,18 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fused_ops.backend import use_triton
-from fused_ops.batch_norm import ACTIVATIONS, BatchNorm1d, _activation_grad, forward_torch, stat_dtype
+from fused_ops.batch_norm import (
+    _FLOAT_DTYPES,
+    _HALF_DTYPES,
+    ACTIVATIONS,
+    BatchNorm1d,
+    _activation_grad,
+    _channel_view,
+    _reduce_dims,
+    forward_torch,
+    stat_dtype,
+)
 from fused_ops.distributed import all_gather_moments, all_reduce_sum, is_distributed, local_moments
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> (1, C) or (1, C, 1), to broadcast against the input."""
-    return t.view(1, -1) if ndim == 2 else t.view(1, -1, 1)
-
-
-def _reduce_dims(ndim: int) -> tuple[int, ...]:
-    return (0,) if ndim == 2 else (0, 2)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -143,9 +142,7 @@ def _check_input(module: SyncBatchNorm, input: torch.Tensor) -> None:
             f"SyncBatchNorm: input has C = {input.shape[1]} channels but the module has "
             f"num_features = {module.num_features}"
         )
-    allowed = (
-        (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
-    )
+    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(module, name)
         if t is None:
