@@ -12,6 +12,14 @@ Since logp_ic = z_ic - logsumexp(z_i), d(loss_i)/d(z_ic) = softmax_ic * sum_c q_
 scales it: "mean" divides by sum_i w[y_i] over non-ignored rows (the count without weights), or by M
 for probability targets, exactly as torch does; "sum" and "none" by 1. Ignored rows get a zero gradient.
 
+Two options, both off by default. z_loss (PaLM's auxiliary loss; Liger-Kernel's lse_square_scale) adds
+z_loss * lse_i^2 to the loss of every counted row (non-ignored, or every row for probability targets),
+lse_i = logsumexp_c(z_ic); its gradient 2 * z_loss * lse_i * softmax_ic folds into the first term:
+    d(loss_i)/d(z_ic) = softmax_ic * (sum_c q_ic + 2 * z_loss * lse_i) - q_ic,
+and the reduction scales it as the main term ("mean" over index targets: by 1 / sum_i w[y_i], the same
+denominator, though the z-loss term itself is not weighted by w[y_i]). softcap (Gemma 2) computes all of
+the above on z = softcap * tanh(x / softcap) and chains the gradient: dx = dz * (1 - tanh(x / softcap)^2).
+
 One pass: the forward computes the loss and, when input requires grad, this gradient for a unit
 upstream gradient (the PyTorch path below with the formula, the Triton kernels in the same sweep over
 the logits); the backward only scales it by grad_output, on the device, with no host sync.
@@ -19,6 +27,7 @@ the logits); the backward only scales it by grad_output, on the device, with no 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -127,6 +136,21 @@ def _check_args(
             )
 
 
+def _check_options(z_loss: float, softcap: float | None) -> None:
+    """TypeError / ValueError naming z_loss or softcap unless z_loss is a finite real >= 0 and softcap is
+    None or a finite real > 0."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"cross_entropy: z_loss must be a float, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"cross_entropy: z_loss must be a finite float >= 0, got {z_loss}")
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"cross_entropy: softcap must be a float or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"cross_entropy: softcap must be a finite float > 0 or None, got {softcap}")
+
+
 def _check_index_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
     """An index target has input's shape without the class dim: (), (N,) or (N, d1, ..., dK)."""
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
@@ -231,12 +255,16 @@ def cross_entropy_reference(
     label_smoothing: float,
     need_grad: bool,
     *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     loss_dtype: torch.dtype | None = None,
     targets_in_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss and d(loss)/d(logits) for a unit upstream gradient, in plain PyTorch.
 
     logits: (M, C) float; target: (M,) class indices or (M, C) class probabilities; weight: (C,) or None.
+    z_loss: weight of lse_i^2 per counted row (0: off); softcap: None, or > 0 for the loss to see
+    softcap * tanh(logits / softcap) (see the module docstring).
     Returns loss: () for "mean"/"sum", (M,) for "none", in loss_dtype (default logits.dtype); grad:
     (M, C) in logits.dtype, or None when not need_grad. Statistics are computed in float32 (float64
     for float64 logits). A target outside [0, C) that is not ignore_index makes its row nan (its index
@@ -250,8 +278,13 @@ def cross_entropy_reference(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows, num_classes = logits.shape
     eps = label_smoothing
-    logp = torch.log_softmax(logits, dim=1, dtype=acc)  # half logits: cast inside the op, no extra copy
+    z, tanh = logits, None
+    if softcap is not None:  # z = softcap * tanh(x / softcap), in acc
+        tanh = _to(logits, acc).div(softcap).tanh_()
+        z = tanh * softcap
+    logp = torch.log_softmax(z, dim=1, dtype=acc)  # half logits: cast inside the op, no extra copy
     w = None if weight is None else _to(weight, acc)
+    lse = torch.logsumexp(_to(z, acc), dim=1, keepdim=True) if z_loss else None  # (M, 1), for z-loss
 
     if target.is_floating_point():
         q = _to(target, acc)  # q_ic = w_c * ((1 - eps) * p_ic + eps / C)
@@ -260,12 +293,18 @@ def cross_entropy_reference(
         if w is not None:
             q = q * w
         row_loss = (q * logp).sum(1).neg_()  # loss_i = -sum_c q_ic * logp_ic
+        if z_loss:  # + z_loss * lse_i^2 on every row
+            row_loss = row_loss + z_loss * lse.view(-1).square()
         loss = _reduce(row_loss, reduction, rows)  # "mean" divides by M (0 / 0 = nan for M = 0, as torch)
         grad = None
         if need_grad:
-            grad = logp.exp_().mul_(q.sum(1, keepdim=True)).sub_(q)  # softmax_ic * sum_c q_ic - q_ic
+            q_sum = q.sum(1, keepdim=True)
+            if z_loss:  # d(z_loss * lse_i^2)/dz_ic = 2 * z_loss * lse_i * softmax_ic
+                q_sum = q_sum + 2.0 * z_loss * lse
+            grad = logp.exp_().mul_(q_sum).sub_(q)  # softmax_ic * sum_c q_ic - q_ic
             if reduction == "mean" and rows > 0:
                 grad = grad.div_(rows)
+            grad = _soft_cap_grad(grad, tanh)
         return _to(loss, loss_dtype or logits.dtype), None if grad is None else _to(grad, logits.dtype)
 
     # Index targets: per-row values are (M, 1) columns, which broadcast against the (M, C) rows.
@@ -282,6 +321,8 @@ def cross_entropy_reference(
     if eps > 0:  # torch adds the smoothing term only then (so -inf logits stay finite at eps = 0)
         smooth = (logp if w is None else logp * w).sum(1, keepdim=True)  # sum_c w_c * logp_ic
         row_loss = row_loss - torch.where(active, smooth, 0.0) * (eps / num_classes)
+    if z_loss:  # + z_loss * lse_i^2 on non-ignored rows
+        row_loss = row_loss + torch.where(active, z_loss * lse.square(), 0.0)
     denom = None
     if reduction == "mean":  # torch divides by sum_i w[y_i] over non-ignored rows
         denom = w_y.sum()
@@ -305,11 +346,23 @@ def cross_entropy_reference(
         q_y = q_y * (1.0 - eps)
         class_total = float(num_classes) if w is None else w.sum()  # sum_c w_c
         q_sum = q_y + row_scale * class_total * (eps / num_classes)
+    if z_loss:  # + s_i * 2 * z_loss * lse_i: d(z_loss * lse_i^2)/dz_ic = 2 * z_loss * lse_i * softmax_ic
+        lse_term = 2.0 * z_loss * lse if denom is None else 2.0 * z_loss * lse / denom
+        q_sum = q_sum + torch.where(active, lse_term, 0.0)  # exactly 0 on ignored rows
     grad = logp.exp_().mul_(q_sum)  # softmax_ic * s_i * sum_c q_ic
     grad = grad.scatter_add_(1, y, q_y.neg())  # - s_i * (1 - eps) * w[y_i] at c = y_i
     if eps > 0:  # - s_i * eps / C * w_c everywhere
         grad = grad.sub_((row_scale if w is None else row_scale * w) * (eps / num_classes))
+    grad = _soft_cap_grad(grad, tanh)
     return _to(loss, loss_dtype or logits.dtype), _to(grad, logits.dtype)
+
+
+def _soft_cap_grad(grad: torch.Tensor, tanh: torch.Tensor | None) -> torch.Tensor:
+    """grad: (M, C) d(loss)/dz -> d(loss)/dx for z = softcap * tanh(x / softcap), given tanh(x / softcap)
+    (None: no softcap, grad unchanged). dx = dz * (1 - tanh^2); ignored rows stay exactly 0."""
+    if tanh is None:
+        return grad
+    return grad.mul_(tanh.square_().neg_().add_(1.0))
 
 
 def _reduce(row_loss: torch.Tensor, reduction: str, denom: torch.Tensor | int | None) -> torch.Tensor:
@@ -345,6 +398,8 @@ class _Call(NamedTuple):
     ignore_index: int
     reduction: str
     label_smoothing: float
+    z_loss: float  # weight of lse_i^2 (0: off)
+    softcap: float | None  # logits softcap * tanh(x / softcap) (None: off)
     need_grad: bool  # input requires grad: the forward also computes the gradient
     inplace: bool  # inplace_backward
     triton: bool  # run the Triton kernels (else the PyTorch path)
@@ -385,6 +440,8 @@ def _forward(
             ignore_index=call.ignore_index,
             reduction=call.reduction,
             label_smoothing=call.label_smoothing,
+            z_loss=call.z_loss,
+            softcap=call.softcap,
             grad=grad,
             loss_dtype=call.loss_dtype,
         )
@@ -397,6 +454,8 @@ def _forward(
             call.reduction,
             call.label_smoothing,
             call.need_grad,
+            z_loss=call.z_loss,
+            softcap=call.softcap,
             loss_dtype=call.loss_dtype,
             targets_in_range=call.targets_in_range,
         )
@@ -515,6 +574,8 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     inplace_backward: bool = False,
     validate: bool = False,
     process_group: dist.ProcessGroup | None = None,
@@ -530,6 +591,16 @@ def cross_entropy(
 
     The forward also computes d(loss)/d(input) when input requires grad, and the backward only scales
     it by grad_output. (N, C, d1, ..., dK) inputs are first copied to (M, C) rows, class dim last.
+
+    z_loss: PaLM's auxiliary z-loss (Liger-Kernel's `lse_square_scale`): adds z_loss * lse_i^2 to the
+        loss of each row, lse_i = logsumexp over the classes of row i's (soft-capped) logits. Ignored rows
+        add nothing; probability targets count every row. The reduction treats it as the main term:
+        "mean" divides by the same denominator (sum_i w[y_i] over non-ignored rows with class weights,
+        their count without; M for probability targets). 0.0 (the default): off, and the same results
+        as without it, bit for bit.
+    softcap: logit soft-capping (Gemma 2): the loss sees softcap * tanh(input / softcap), and the
+        gradient is taken with respect to input, through the tanh. A float > 0, or None (the default):
+        off. With inplace_backward the gradient w.r.t. input still overwrites input.
     Backend: `fused_ops.use_backend` / $FUSED_OPS_BACKEND; "auto" runs the Triton kernels on CUDA for
     float32/bfloat16/float16 and the PyTorch path otherwise (float64 included). The Triton backward
     scales the stored gradient in place, so a second backward through a retained graph raises there.
@@ -560,7 +631,13 @@ def cross_entropy(
     targets must have input's dtype (outside autocast); gradients flow only to input (not to weight or
     target); C = 0 is refused; double backward (create_graph=True) raises RuntimeError.
     """
+    _check_options(z_loss, softcap)
     if process_group is not None:
+        if z_loss or softcap is not None:
+            raise ValueError(
+                "cross_entropy: z_loss and softcap are not supported with process_group (vocab-parallel); "
+                "leave them at 0.0 and None"
+            )
         return _vocab_parallel(
             input,
             target,
@@ -599,6 +676,8 @@ def cross_entropy(
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
         need_grad=need_grad,
         inplace=bool(inplace_backward),
         triton=_runs_triton(input, target, weight),
@@ -662,9 +741,10 @@ def _autocast_float32(input: object, target: object) -> bool:
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in `nn.CrossEntropyLoss` running `fused_ops.cross_entropy`.
 
-    Same constructor arguments and state_dict keys as torch's, plus the keyword-only `inplace_backward`,
-    `validate` and `process_group` of `cross_entropy` (with a process group, `weight` is this rank's
-    slice of the class weights). input: (C,), (N, C) or (N, C, d1, ..., dK); see `cross_entropy`.
+    Same constructor arguments and state_dict keys as torch's, plus the keyword-only `z_loss`,
+    `softcap`, `inplace_backward`, `validate` and `process_group` of `cross_entropy` (with a process
+    group, `weight` is this rank's slice of the class weights). input: (C,), (N, C) or
+    (N, C, d1, ..., dK); see `cross_entropy`.
     """
 
     def __init__(
@@ -676,11 +756,16 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
         inplace_backward: bool = False,
         validate: bool = False,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
+        _check_options(z_loss, softcap)
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
         self.validate = validate
         self.process_group = process_group
@@ -693,14 +778,18 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             self.ignore_index,
             self.reduction,
             self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
             inplace_backward=self.inplace_backward,
             validate=self.validate,
             process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
+        options = "" if not self.z_loss else f", z_loss={self.z_loss}"
+        options += "" if self.softcap is None else f", softcap={self.softcap}"
         sharded = "" if self.process_group is None else ", vocab-parallel over process_group"
         return (
-            f"reduction={self.reduction!r}, inplace_backward={self.inplace_backward}, "
+            f"reduction={self.reduction!r}{options}, inplace_backward={self.inplace_backward}, "
             f"validate={self.validate}{sharded}"
         )

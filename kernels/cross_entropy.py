@@ -8,6 +8,17 @@ target distribution, and d(loss_i)/d(z_ic) = softmax_ic * sum_c q_ic - q_ic, tim
 (mean: 1 / sum_i w[y_i] over non-ignored rows, 1 / M for probability targets). Statistics, loss and the
 gradient are computed in fp32 (the true-class term p_y * sum_q - q_y included) and rounded once.
 
+Two options:
+    z_loss   a scalar argument, 0 = off: adds z_loss * lse_i^2 to the loss of each counted row; its
+             gradient 2 * z_loss * lse_i * softmax_ic has the softmax factor of the main term, so it
+             folds into sum_q (no extra pass). Applied without a branch (z_loss = 0 adds exactly 0 where
+             lse is finite; where it is not, the row is nan anyway), which keeps the default kernels'
+             registers: behind a runtime `if` it cost them up to 22 a thread.
+    softcap  the constexpr SOFTCAP (a runtime switch cost the default kernels up to 75 registers a
+             thread, and occupancy with them): the loss sees z = softcap * tanh(x / softcap), applied
+             to each block of logits on load (in both sweeps), and the gradient written is
+             d/dx = d/dz * (1 - tanh(x / softcap)^2).
+
 Kernels:
     cross_entropy_fwd_kernel    per-row loss and, when asked, the gradient for a unit grad_output;
                                 "mean"/"sum" reduce per program in fixed order (one program: final value)
@@ -92,6 +103,87 @@ def _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT: tl.constexpr):
     return w
 
 
+@triton.jit
+def _soft_cap(x, softcap, mask):
+    """softcap * tanh(x / softcap) on `mask`, -inf elsewhere (padding stays -inf, not -softcap).
+
+    tanh from exp, which the interpreter also runs (it has no libdevice):
+    tanh(u) = sign(u) * (1 - e) / (1 + e) with e = exp(-2|u|) in (0, 1], which never overflows;
+    absolute error ~1e-7 * softcap, about the rounding of a logit of that size."""
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(mask, softcap * tl.where(u < 0.0, -t, t), float("-inf"))
+
+
+@triton.jit
+def _soft_cap_grad(grad, z, softcap):
+    """d(loss)/dx from d(loss)/dz for z = softcap * tanh(x / softcap): dx = dz * (1 - t^2), t = z / softcap,
+    written (1 - t)(1 + t), which keeps its precision as |t| -> 1."""
+    t = z / softcap
+    return grad * ((1.0 - t) * (1.0 + t))
+
+
+@triton.jit
+def _single_pass_rows(
+    x_rows,  # (BLOCK_N,) pointers to the rows' logits
+    t_rows,  # (BLOCK_N,) pointers to the rows' probability targets (PROB_TARGET)
+    g_rows,  # (BLOCK_N,) pointers to the rows' gradient
+    W_ptr,
+    y,
+    w_y,
+    active,
+    row_mask,
+    C,
+    eps,
+    scale,
+    z_loss,
+    softcap,
+    write_grad,
+    HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Rows that fit one BLOCK_C tile: (loss, lse), each (BLOCK_N,), the loss before z-loss, masking and
+    scale; stores the gradient when write_grad. The logits are read once."""
+    NEG_INF: tl.constexpr = float("-inf")
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+    if SOFTCAP:
+        z = _soft_cap(z, softcap, mask)
+    w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
+    m = tl.max(z, axis=1)
+    m = tl.where(m == NEG_INF, 0.0, m)  # all -inf (padding rows): keep exp finite
+    lse = m + tl.log(tl.sum(tl.exp(z - m[:, None]), axis=1))  # exp is 0 on masked lanes
+    neg_logp = lse[:, None] - z  # -log softmax; masked lanes are inf and always masked below
+    if PROB_TARGET:
+        t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.where(mask, w[None, :] * ((1.0 - eps) * t + eps / C), 0.0)  # q_ic = w_c((1-eps)p_ic + eps/C)
+        sum_q = tl.sum(q, axis=1)
+        loss = tl.sum(tl.where(mask, q * neg_logp, 0.0), axis=1)  # -sum_c q_ic logp_ic
+    else:
+        is_y = cols[None, :] == y[:, None]
+        nll = tl.sum(tl.where(is_y & mask, neg_logp, 0.0), axis=1)  # -logp_iy
+        smooth = tl.sum(tl.where(mask, w[None, :] * neg_logp, 0.0), axis=1)  # -sum_c w_c logp_ic
+        smooth = tl.where(eps > 0.0, eps / C * smooth, 0.0)  # torch adds it only for eps > 0
+        loss = (1.0 - eps) * w_y * nll + smooth
+        sum_q = (1.0 - eps) * w_y + eps / C * tl.sum(w, axis=0)  # sum_c q_ic
+        # q_ic = (1 - eps) w[y_i] [c == y_i] + eps/C w_c
+        q = eps / C * w[None, :] + tl.where(is_y, ((1.0 - eps) * w_y)[:, None], 0.0)
+    if write_grad != 0:
+        sum_q += 2.0 * z_loss * lse  # d(z_loss * lse_i^2)/dz_ic = 2 * z_loss * lse_i * softmax_ic
+        p = tl.exp(z - lse[:, None])  # softmax (recomputed: fewer live registers than keeping exp(z - m))
+        grad = (p * sum_q[:, None] - q) * scale  # dz = (softmax * sum_q - q) * scale
+        if SOFTCAP:
+            grad = _soft_cap_grad(grad, z, softcap)
+        grad = tl.where(active[:, None], grad, 0.0)  # ignored rows: exactly 0
+        tl.store(g_rows[:, None] + cols[None, :], grad.to(g_rows.dtype.element_ty), mask=mask)
+    return loss, lse
+
+
 @triton.jit(do_not_specialize=["reduction", "write_grad", "num_denom_partials"])
 def cross_entropy_fwd_kernel(
     # pointers
@@ -112,12 +204,15 @@ def cross_entropy_fwd_kernel(
     ignore_index,
     label_smoothing,
     inv_rows,  # 1 / M for probability-target "mean", else 1
+    z_loss,  # weight of lse_i^2 in the loss; 0: off
+    softcap,  # logits z = softcap * tanh(x / softcap), read only when SOFTCAP
     num_denom_partials,
     reduction,  # 0 none, 1 sum, 2 mean
     write_grad,  # 0 or 1
     # constexprs
     HAS_WEIGHT: tl.constexpr,
     PROB_TARGET: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # softcap set: a specialisation, so the default kernels carry none of it
     SINGLE_PASS: tl.constexpr,  # C <= BLOCK_C: the row tile stays in registers, logits read once
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -153,36 +248,26 @@ def cross_entropy_fwd_kernel(
         scale = tl.where(denom == 0.0, float("nan"), 1.0 / denom)
 
     if SINGLE_PASS:
-        cols = tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-        w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
-        m = tl.max(z, axis=1)
-        m = tl.where(m == NEG_INF, 0.0, m)  # all -inf (padding rows): keep exp finite
-        lse = m + tl.log(tl.sum(tl.exp(z - m[:, None]), axis=1))  # exp is 0 on masked lanes
-        neg_logp = lse[:, None] - z  # -log softmax; masked lanes are inf and always masked below
-        if PROB_TARGET:
-            t = tl.load(t_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            q = tl.where(
-                mask, w[None, :] * ((1.0 - eps) * t + eps / C), 0.0
-            )  # q_ic = w_c((1-eps)p_ic + eps/C)
-            sum_q = tl.sum(q, axis=1)
-            loss = tl.sum(tl.where(mask, q * neg_logp, 0.0), axis=1)  # -sum_c q_ic logp_ic
-        else:
-            is_y = cols[None, :] == y[:, None]
-            nll = tl.sum(tl.where(is_y & mask, neg_logp, 0.0), axis=1)  # -logp_iy
-            smooth = tl.sum(tl.where(mask, w[None, :] * neg_logp, 0.0), axis=1)  # -sum_c w_c logp_ic
-            smooth = tl.where(eps > 0.0, eps / C * smooth, 0.0)  # torch adds it only for eps > 0
-            loss = (1.0 - eps) * w_y * nll + smooth
-            sum_q = (1.0 - eps) * w_y + eps / C * tl.sum(w, axis=0)  # sum_c q_ic
-            # q_ic = (1 - eps) w[y_i] [c == y_i] + eps/C w_c
-            q = eps / C * w[None, :] + tl.where(is_y, ((1.0 - eps) * w_y)[:, None], 0.0)
-        if write_grad != 0:
-            p = tl.exp(z - lse[:, None])  # softmax (recomputed: fewer live registers than keeping exp(z - m))
-            grad = (p * sum_q[:, None] - q) * scale  # dz = (softmax * sum_q - q) * scale
-            grad = tl.where(active[:, None], grad, 0.0)  # ignored rows: exactly 0
-            tl.store(g_rows[:, None] + cols[None, :], grad.to(Grad_ptr.dtype.element_ty), mask=mask)
+        loss, lse = _single_pass_rows(
+            x_rows=x_rows,
+            t_rows=t_rows,
+            g_rows=g_rows,
+            W_ptr=W_ptr,
+            y=y,
+            w_y=w_y,
+            active=active,
+            row_mask=row_mask,
+            C=C,
+            eps=eps,
+            scale=scale,
+            z_loss=z_loss,
+            softcap=softcap,
+            write_grad=write_grad,
+            HAS_WEIGHT=HAS_WEIGHT,
+            PROB_TARGET=PROB_TARGET,
+            SOFTCAP=SOFTCAP,
+            BLOCK_C=BLOCK_C,
+        )
     else:
         # Sweep 1: online softmax statistics (running max m, running sum s relative to m).
         m = tl.full([BLOCK_N], NEG_INF, dtype=tl.float32)
@@ -195,6 +280,8 @@ def cross_entropy_fwd_kernel(
             col_mask = cols < C
             mask = row_mask[:, None] & col_mask[None, :]
             z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            if SOFTCAP:
+                z = _soft_cap(z, softcap, mask)
             w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -209,6 +296,7 @@ def cross_entropy_fwd_kernel(
         lse = tl.where(m == NEG_INF, 0.0, m) + tl.log(s)
         if not PROB_TARGET:
             sum_q = (1.0 - eps) * w_y + eps / C * w_total
+        sum_q += 2.0 * z_loss * lse  # d(z_loss * lse_i^2)/dz_ic = 2 * z_loss * lse_i * softmax_ic
         # Sweep 2 (for the gradient, the smoothing term or probability targets): terms that need lse.
         loss = tl.zeros([BLOCK_N], dtype=tl.float32)
         smooth = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -218,6 +306,8 @@ def cross_entropy_fwd_kernel(
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
                 z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+                if SOFTCAP:
+                    z = _soft_cap(z, softcap, mask)
                 w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
                 neg_logp = lse[:, None] - z
                 if PROB_TARGET:
@@ -231,12 +321,15 @@ def cross_entropy_fwd_kernel(
                 if write_grad != 0:
                     p = tl.exp(z - lse[:, None])
                     grad = (p * sum_q[:, None] - q) * scale
+                    if SOFTCAP:
+                        grad = _soft_cap_grad(grad, z, softcap)
                     grad = tl.where(active[:, None], grad, 0.0)
                     tl.store(g_rows[:, None] + cols[None, :], grad.to(Grad_ptr.dtype.element_ty), mask=mask)
         if not PROB_TARGET:
             nll = lse - z_y  # -logp_iy
             loss = (1.0 - eps) * w_y * nll + tl.where(eps > 0.0, eps / C * smooth, 0.0)
 
+    loss += z_loss * lse * lse  # PaLM's z-loss, on counted rows only (masked next)
     loss = tl.where(active, loss, 0.0) * scale
     if reduction == 0:
         tl.store(Loss_ptr + rows, loss.to(Loss_ptr.dtype.element_ty), mask=row_mask)
@@ -384,6 +477,8 @@ def cross_entropy_forward(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     grad: torch.Tensor | None = None,
     loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -391,9 +486,11 @@ def cross_entropy_forward(
 
     logits: (M, C), unit column stride. target: (M,) class indices (int32/uint8 are converted to int64:
     one extra small launch) or (M, C) probabilities in logits.dtype with unit column stride.
-    weight: (C,) or None (converted to float32 if needed). grad: (M, C) with unit column stride, may be
-    logits itself (inplace). Returns () for "mean"/"sum", (M,) for "none", in loss_dtype: logits.dtype
-    by default, or float32 beside half logits (autocast's dtype for cross_entropy).
+    weight: (C,) or None (converted to float32 if needed). z_loss: weight of lse_i^2 per counted row
+    (0: off). softcap: None, or > 0 for logits softcap * tanh(logits / softcap). grad: (M, C) with unit
+    column stride, may be logits itself (inplace). Returns () for "mean"/"sum", (M,) for "none", in
+    loss_dtype: logits.dtype by default, or float32 beside half logits (autocast's dtype for
+    cross_entropy).
     Launches: one forward when the rows fit one program; else denominator ("mean" with index targets)
     + forward + finish ("mean"/"sum").
     """
@@ -452,11 +549,14 @@ def cross_entropy_forward(
         ignore_index=ignore_index,
         label_smoothing=float(label_smoothing),
         inv_rows=1.0 / num_rows if prob and code == 2 else 1.0,
+        z_loss=float(z_loss),
+        softcap=1.0 if softcap is None else float(softcap),  # unread without SOFTCAP
         num_denom_partials=num_denom_partials,
         reduction=code,
         write_grad=int(grad is not None),
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=prob,
+        SOFTCAP=softcap is not None,
         SINGLE_PASS=settings.SINGLE_PASS,
         BLOCK_N=settings.BLOCK_N,
         BLOCK_C=settings.BLOCK_C,
@@ -503,8 +603,8 @@ def specializations() -> Iterator[KernelSpec]:
     autocast."""
     for dtype in TORCH_TO_TRITON.values():
         loss_dtypes = (dtype,) if dtype == "fp32" else (dtype, "fp32")
-        for rung, has_weight, prob, loss in itertools.product(
-            FORWARD_LADDER, (False, True), (False, True), loss_dtypes
+        for rung, has_weight, prob, softcap, loss in itertools.product(
+            FORWARD_LADDER, (False, True), (False, True), (False, True), loss_dtypes
         ):
             signature = {
                 "X_ptr": f"*{dtype}",
@@ -522,6 +622,8 @@ def specializations() -> Iterator[KernelSpec]:
                 "ignore_index": "i32",
                 "label_smoothing": "fp32",
                 "inv_rows": "fp32",
+                "z_loss": "fp32",
+                "softcap": "fp32",
                 "num_denom_partials": "i32",
                 "reduction": "i32",
                 "write_grad": "i32",
@@ -529,6 +631,7 @@ def specializations() -> Iterator[KernelSpec]:
             constexprs = {
                 "HAS_WEIGHT": has_weight,
                 "PROB_TARGET": prob,
+                "SOFTCAP": softcap,
                 "SINGLE_PASS": rung.SINGLE_PASS,
                 "BLOCK_N": rung.BLOCK_N,
                 "BLOCK_C": rung.BLOCK_C,
