@@ -125,6 +125,19 @@ def _soft_cap_grad(grad, z, softcap):
 
 
 @triton.jit
+def _load_logits(x_rows, row_mask, c0, C, softcap, SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_C) of the rows as fp32 (soft-capped when SOFTCAP), -inf where masked.
+    Returns (cols, col_mask, mask, z): (BLOCK_C,), (BLOCK_C,), (BLOCK_N, BLOCK_C), (BLOCK_N, BLOCK_C)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    if SOFTCAP:
+        z = _soft_cap(z, softcap, mask)
+    return cols, col_mask, mask, z
+
+
+@triton.jit
 def _single_pass_rows(
     x_rows,  # (BLOCK_N,) pointers to the rows' logits
     t_rows,  # (BLOCK_N,) pointers to the rows' probability targets (PROB_TARGET)
@@ -148,12 +161,7 @@ def _single_pass_rows(
     """Rows that fit one BLOCK_C tile: (loss, lse), each (BLOCK_N,), the loss before z-loss, masking and
     scale; stores the gradient when write_grad. The logits are read once."""
     NEG_INF: tl.constexpr = float("-inf")
-    cols = tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mask = row_mask[:, None] & col_mask[None, :]
-    z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-    if SOFTCAP:
-        z = _soft_cap(z, softcap, mask)
+    cols, col_mask, mask, z = _load_logits(x_rows, row_mask, 0, C, softcap, SOFTCAP, BLOCK_C)
     w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
     m = tl.max(z, axis=1)
     m = tl.where(m == NEG_INF, 0.0, m)  # all -inf (padding rows): keep exp finite
@@ -276,12 +284,7 @@ def cross_entropy_fwd_kernel(
         z_y = tl.zeros([BLOCK_N], dtype=tl.float32)
         w_total = 0.0
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_mask = cols < C
-            mask = row_mask[:, None] & col_mask[None, :]
-            z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-            if SOFTCAP:
-                z = _soft_cap(z, softcap, mask)
+            cols, col_mask, mask, z = _load_logits(x_rows, row_mask, c0, C, softcap, SOFTCAP, BLOCK_C)
             w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -302,12 +305,7 @@ def cross_entropy_fwd_kernel(
         smooth = tl.zeros([BLOCK_N], dtype=tl.float32)
         if PROB_TARGET or (write_grad != 0) or (eps > 0.0):
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                col_mask = cols < C
-                mask = row_mask[:, None] & col_mask[None, :]
-                z = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-                if SOFTCAP:
-                    z = _soft_cap(z, softcap, mask)
+                cols, col_mask, mask, z = _load_logits(x_rows, row_mask, c0, C, softcap, SOFTCAP, BLOCK_C)
                 w = _class_weights(W_ptr, cols, col_mask, HAS_WEIGHT)
                 neg_logp = lse[:, None] - z
                 if PROB_TARGET:
