@@ -299,8 +299,8 @@ def _build_batch_norm(case: Case, provider: str, device: torch.device, generator
 
 
 def _build_makemore(case: Case, provider: str, device: torch.device, generator) -> Runner:
-    """One SGD step of `fused_ops.models.MLP` (fp32) on a random batch of character contexts."""
-    from fused_ops.models import MLP
+    """One SGD step of `fused_ops.makemore.model.MLP` (fp32) on a random batch of character contexts."""
+    from fused_ops.makemore.model import MLP
 
     size = MAKEMORE_SIZES[case.shape]
     if case.dtype != "fp32":

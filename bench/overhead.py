@@ -30,7 +30,7 @@ import torch.utils.benchmark as torch_benchmark
 from torch import nn
 
 import fused_ops
-from fused_ops.models import MLP
+from fused_ops.makemore.model import MLP
 
 BATCH, VOCAB, HIDDEN, BLOCK_SIZE = 32, 27, 200, 3  # makemore: batch 32, 27 characters, 200 hidden units
 

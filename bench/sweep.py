@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import fused_ops
 from bench import ops
@@ -201,26 +201,30 @@ def run(
     total = sum(len(job.modes) for job in jobs)
     start = time.perf_counter()
     broken: str | None = None  # set after a CUDA error: the context is unusable from then on
-    with tqdm(total=total, disable=not settings.progress, unit="meas", dynamic_ncols=True) as bar:
-        for job in jobs:
-            bar.set_description(f"{job.case.op} {job.case.label} {job.case.dtype} {job.provider}")
-            over_budget = (
-                settings.time_budget_s is not None and time.perf_counter() - start > settings.time_budget_s
+    done = 0
+    for job in jobs:
+        budget = settings.time_budget_s
+        over_budget = budget is not None and time.perf_counter() - start > budget
+        if job.skip or over_budget or broken:
+            reason = job.skip or broken or f"time budget of {budget:.0f} s used up"
+            new_rows = [_row(job, mode, settings.device, status="skipped", note=reason) for mode in job.modes]
+        else:
+            new_rows = _run_job(job, settings, copy_gbps)
+            broken = next((r.note for r in new_rows if _cuda_context_lost(r)), None)
+            if broken:
+                broken = f"CUDA context lost earlier ({broken[:80]})"
+        for row in new_rows:
+            rows.append(row)
+            on_row(row)
+        done += len(job.modes)
+        if settings.progress:  # one line per job: readable in a terminal and in a CI log alike
+            case = job.case
+            print(
+                f"[{done}/{total} measurements, {time.perf_counter() - start:.0f} s] {case.op} {case.label} "
+                f"{case.dtype} {job.provider}: {', '.join(sorted({r.status for r in new_rows}))}",
+                file=sys.stderr,
+                flush=True,
             )
-            if job.skip or over_budget or broken:
-                reason = job.skip or broken or f"time budget of {settings.time_budget_s:.0f} s used up"
-                new_rows = [
-                    _row(job, mode, settings.device, status="skipped", note=reason) for mode in job.modes
-                ]
-            else:
-                new_rows = _run_job(job, settings, copy_gbps)
-                broken = next((r.note for r in new_rows if _cuda_context_lost(r)), None)
-                if broken:
-                    broken = f"CUDA context lost earlier ({broken[:80]})"
-            for row in new_rows:
-                rows.append(row)
-                on_row(row)
-            bar.update(len(job.modes))
     return rows
 
 

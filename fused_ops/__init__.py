@@ -2,13 +2,15 @@
 
 Triton kernels on CUDA, an analytic PyTorch path everywhere else; both wrapped as
 `torch.autograd.Function`s with hand-derived backward passes, and as drop-in modules.
+
+This module only re-exports the public API. Importing it loads the ops and nothing else: no triton
+(loaded when a Triton kernel is about to run), no makemore application, tqdm or matplotlib.
 """
 from fused_ops.backend import BackendUnavailableError, use_backend
 from fused_ops.batch_norm import BatchNorm1d, batch_norm
 from fused_ops.convert import convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
-from fused_ops.sync_batch_norm import SyncBatchNorm
-from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
+from fused_ops.distributed import SyncBatchNorm, vocab_parallel_cross_entropy
 
 __all__ = [
     "BackendUnavailableError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fused_ops import parity, train
+from fused_ops.makemore import parity, train
 
 COMMANDS = {
     "train": (train, "train the makemore MLP on the bundled names, then evaluate it and sample names"),

@@ -39,12 +39,19 @@ def _check_name(name: str, source: str) -> str:
 
 # torch.compile: dynamo traces the dispatch below like any Python code. The `use_backend` stack is a
 # threading.local, which dynamo reads and guards on (entering another backend recompiles). The three
-# process settings that follow are marked `assume_constant_result`: dynamo calls them once while it
-# traces and bakes the answer into the graph instead of tracing os.environ and importlib (which older
-# dynamo versions cannot trace or guard). Triton's presence and TRITON_INTERPRET (read by triton at its
+# process settings that follow are marked `_constant_result`: dynamo calls them once while it traces
+# and bakes the answer into the graph instead of tracing os.environ and importlib (which older dynamo
+# versions cannot trace or guard). Triton's presence and TRITON_INTERPRET (read by triton at its
 # import) cannot change within a process anyway; $FUSED_OPS_BACKEND is read when a model is compiled,
 # so set it before compiling, or switch with `use_backend`, which is guarded.
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """`torch.compiler.assume_constant_result(fn)`, without its import of torch._dynamo, which costs
+    ~1.8 s and imports triton (tests/test_imports.py checks that both mark `fn` alike)."""
+    fn._dynamo_marked_constant = True  # what that decorator sets, and all that dynamo reads
+    return fn
+
+
+@_constant_result
 def _env_backend() -> str:
     """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty."""
     return _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
@@ -75,7 +82,7 @@ def use_backend(name: str) -> Iterator[None]:
 _triton_available: bool | None = None  # cached: importing triton is slow, and its presence is fixed
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def triton_available() -> bool:
     """True when `triton` is installed and imports."""
     global _triton_available
@@ -92,7 +99,7 @@ def _imports_triton() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def triton_interpreter_enabled() -> bool:
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1) on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")

@@ -34,23 +34,23 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Argument checks: every misuse raises here, before anything (running stats included) is touched.
 # ----------------------------------------------------------------------------------------------------
 def _check_channel_tensor(
-    name: str, t: object, input: torch.Tensor, allowed: tuple[torch.dtype, ...]
+    name: str, t: object, input: torch.Tensor, allowed: tuple[torch.dtype, ...], op: str
 ) -> None:
     """A (C,) float tensor on input's device, of a dtype in `allowed` (input's, and float32 beside
     fp16/bf16 input)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"batch_norm: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     num_features = input.shape[1]
     if t.shape != (num_features,):
         raise ValueError(
-            f"batch_norm: {name} must have shape ({num_features},) to match input's C = {num_features}, "
+            f"{op}: {name} must have shape ({num_features},) to match input's C = {num_features}, "
             f"got {tuple(t.shape)}"
         )
     if t.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
-        raise TypeError(f"batch_norm: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
     if t.device != input.device:
-        raise ValueError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
 
 
 def _check_args(
@@ -64,25 +64,42 @@ def _check_args(
     eps: float,
     unbiased: bool,
     activation: str | None,
+    *,
+    op: str = "batch_norm",
+    whole_batch: bool = True,
+    num_features: int | None = None,
 ) -> None:
-    """Raise a clear error naming the bad argument; checks shapes, dtypes and devices, never values."""
+    """Raise a clear error naming the bad argument; checks shapes, dtypes and devices, never values.
+
+    The one checker of BatchNorm's arguments, for the functional op, the modules and SyncBatchNorm:
+    `op` names the caller in the messages. whole_batch=False is SyncBatchNorm's: input is one rank's
+    share of the batch, which may hold one row or none, so "more than one value per channel" cannot be
+    judged from it (the group's count is a device tensor, and SyncBatchNorm leaves the running stats
+    untouched when it is below 2, without a host sync). num_features: a module's feature count, which
+    input's dim 1 must match.
+    """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
+        raise TypeError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"batch_norm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
+            f"{op}: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
         )
     if input.ndim not in (2, 3):
         raise ValueError(
-            f"batch_norm: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}"
+            f"{op}: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}"
+        )
+    if num_features is not None and input.shape[1] != num_features:
+        raise ValueError(
+            f"{op}: the module has num_features={num_features}, but input has {input.shape[1]} features in "
+            f"dim 1 (input shape {tuple(input.shape)}); build it as {op}({input.shape[1]}) or fix the input"
         )
     if (running_mean is None) != (running_var is None):
-        raise ValueError("batch_norm: running_mean and running_var must both be tensors or both be None")
+        raise ValueError(f"{op}: running_mean and running_var must both be tensors or both be None")
     if not isinstance(training, bool):
-        raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
+        raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
     if not training and running_mean is None:
         raise ValueError(
-            "batch_norm: running_mean and running_var are required in eval mode (training=False)"
+            f"{op}: running_mean and running_var are required in eval mode (training=False)"
         )
     allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
     for name, t in (
@@ -92,29 +109,29 @@ def _check_args(
         ("bias", bias),
     ):
         if t is not None:
-            _check_channel_tensor(name, t, input, allowed)
+            _check_channel_tensor(name, t, input, allowed, op)
     if isinstance(momentum, torch.Tensor):
         if momentum.ndim != 0 or not momentum.is_floating_point():
             raise TypeError(
-                "batch_norm: a momentum tensor must be a 0-dim float tensor, "
+                f"{op}: a momentum tensor must be a 0-dim float tensor, "
                 f"got {momentum.ndim}-D {momentum.dtype}"
             )
         if momentum.device != input.device:
-            raise ValueError(f"batch_norm: momentum is on {momentum.device} but input is on {input.device}")
+            raise ValueError(f"{op}: momentum is on {momentum.device} but input is on {input.device}")
     elif not _is_real(momentum):
         raise TypeError(
-            f"batch_norm: momentum must be a float or a 0-dim float tensor (for a cumulative average pass "
+            f"{op}: momentum must be a float or a 0-dim float tensor (for a cumulative average pass "
             f"1 / num_batches_tracked), got {type(momentum).__name__}"
         )
     if not _is_real(eps):
-        raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
     if not isinstance(unbiased, bool):
-        raise TypeError(f"batch_norm: unbiased must be a bool, got {type(unbiased).__name__}")
+        raise TypeError(f"{op}: unbiased must be a bool, got {type(unbiased).__name__}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if training and input.numel() // max(input.shape[1], 1) == 1:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if whole_batch and training and input.numel() // max(input.shape[1], 1) == 1:
         raise ValueError(
-            "batch_norm: expected more than 1 value per channel when training, "
+            f"{op}: expected more than 1 value per channel when training, "
             f"got input size {tuple(input.shape)}"
         )
 
@@ -267,7 +284,7 @@ def backward_torch(
 # autograd Function
 # ----------------------------------------------------------------------------------------------------
 def _kernels():
-    from fused_ops.kernels import batch_norm as kernels  # lazily: only when Triton is chosen
+    from fused_ops.kernels.triton import batch_norm as kernels  # lazily: only when Triton is chosen
 
     return kernels
 
@@ -451,6 +468,8 @@ class BatchNorm1d(nn.BatchNorm1d):
             self.eps,
             self.unbiased,
             self.activation,
+            op=type(self).__name__,
+            num_features=self.num_features,
         )
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fused_ops.batch_norm import BatchNorm1d
-from fused_ops.sync_batch_norm import SyncBatchNorm
+from fused_ops.distributed.sync_batch_norm import SyncBatchNorm
 
 # An activation module that may follow a BatchNorm1d inside an nn.Sequential -> fused activation name.
 FUSABLE_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}

@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch import nn
 
 from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
-from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
@@ -54,84 +53,96 @@ def _check_args(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    *,
+    op: str = "cross_entropy",
+    input_name: str = "input",
+    sharded: bool = False,
 ) -> None:
     """Raise a clear exception naming the bad argument; touch nothing. Reads no tensor values (the
-    range of index targets is `_check_target_range`'s job)."""
+    range of index targets is `_check_target_range`'s job).
+
+    The one checker of cross-entropy's arguments, also for its vocab-parallel twin: `op` and
+    `input_name` name the caller and its logits argument in the messages; sharded=True checks a rank's
+    slice of the classes (C_r = 0 allowed, weight the rank's (C_r,) slice, index targets only).
+    """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"cross_entropy: input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{op}: {input_name} must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"cross_entropy: target must be a Tensor, got {type(target).__name__}")
+        raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
     if input.dtype not in INPUT_DTYPES:
         raise TypeError(
-            f"cross_entropy: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+            f"{op}: {input_name} must be float16, bfloat16, float32 or float64, got {input.dtype}"
         )
     ndim = input.dim()
+    classes = "C_r" if sharded else "C"
     if ndim == 0:
         raise ValueError(
-            "cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor"
+            f"{op}: {input_name} must have shape ({classes},), (N, {classes}) or (N, {classes}, d1, ...), "
+            f"got a 0-dim tensor"
         )
     num_classes = input.shape[0] if ndim == 1 else input.shape[1]
-    if num_classes == 0:
-        raise ValueError(f"cross_entropy: input has no classes (C = 0), shape {tuple(input.shape)}")
+    if num_classes == 0 and not sharded:
+        raise ValueError(f"{op}: input has no classes (C = 0), shape {tuple(input.shape)}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(
-            f"cross_entropy: label_smoothing must be a float, got {type(label_smoothing).__name__}"
-        )
+        raise TypeError(f"{op}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
-    if target.is_floating_point():
+    if target.is_floating_point() and not sharded:
         if target.shape != input.shape:
             raise ValueError(
-                f"cross_entropy: a probability target (float dtype) must have the input's shape "
+                f"{op}: a probability target (float dtype) must have the input's shape "
                 f"{tuple(input.shape)}, got target of shape {tuple(target.shape)}"
             )
         if target.dtype != input.dtype:
             raise TypeError(
-                f"cross_entropy: a probability target must have the input's dtype {input.dtype}, "
-                f"got {target.dtype}"
+                f"{op}: a probability target must have the input's dtype {input.dtype}, got {target.dtype}"
             )
         if ignore_index >= 0:  # as torch: probability targets have no class to ignore
             raise ValueError(
-                f"cross_entropy: ignore_index={ignore_index} is not supported for probability targets "
+                f"{op}: ignore_index={ignore_index} is not supported for probability targets "
                 f"(float dtype); leave it at a negative value such as the default -100"
             )
         if target.requires_grad and torch.is_grad_enabled():
             raise ValueError(
-                "cross_entropy: target requires grad, but gradients with respect to probability targets "
-                "are not computed; pass target.detach()"
+                f"{op}: target requires grad, but gradients with respect to probability targets "
+                f"are not computed; pass target.detach()"
             )
     else:
         if target.dtype not in INDEX_DTYPES:
+            probabilities = "" if sharded else " or class probabilities (the input's float dtype)"
+            unsupported = "; sharded logits take no class-probability targets" if sharded else ""
             raise TypeError(
-                f"cross_entropy: target must hold class indices (int64, int32 or uint8) or class "
-                f"probabilities (the input's float dtype), got {target.dtype}"
+                f"{op}: target must hold class indices (int64, int32 or uint8){probabilities}, "
+                f"got {target.dtype}{unsupported}"
             )
         if not (ndim == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]):
-            _check_index_target_shape(input, target)  # (the common (N, C) with (N,) is fine as it is)
+            _check_index_target_shape(input, target, op, input_name)  # (N, C) with (N,) is fine as it is
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"cross_entropy: weight must be a Tensor or None, got {type(weight).__name__}")
+            raise TypeError(f"{op}: weight must be a Tensor or None, got {type(weight).__name__}")
         if not weight.is_floating_point():
-            raise TypeError(f"cross_entropy: weight must be a float tensor, got {weight.dtype}")
+            raise TypeError(f"{op}: weight must be a float tensor, got {weight.dtype}")
         if weight.dim() != 1 or weight.shape[0] != num_classes:
+            what = "this rank's slice of the class weights, shape (C_r,)" if sharded else "shape (C,)"
             raise ValueError(
-                f"cross_entropy: weight must have shape (C,) = ({num_classes},), got {tuple(weight.shape)}"
+                f"{op}: weight must have {what} = ({num_classes},), like {input_name}'s class dimension, "
+                f"got {tuple(weight.shape)}"
             )
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError(
-                "cross_entropy: weight requires grad, but gradients with respect to weight are not "
-                "computed (torch's nll_loss refuses them too); pass weight.detach()"
+                f"{op}: weight requires grad, but gradients with respect to weight are not "
+                f"computed (torch's nll_loss refuses them too); pass weight.detach()"
             )
     device = input.device
     for name, tensor in (("target", target), ("weight", weight)):
         if tensor is not None and tensor.device != device:
             raise ValueError(
-                f"cross_entropy: {name} is on {tensor.device} but input is on {device}; "
+                f"{op}: {name} is on {tensor.device} but {input_name} is on {device}; "
                 f"all tensors must be on the same device"
             )
 
@@ -151,16 +162,18 @@ def _check_options(z_loss: float, softcap: float | None) -> None:
         raise ValueError(f"cross_entropy: softcap must be a finite float > 0 or None, got {softcap}")
 
 
-def _check_index_target_shape(input: torch.Tensor, target: torch.Tensor) -> None:
+def _check_index_target_shape(
+    input: torch.Tensor, target: torch.Tensor, op: str = "cross_entropy", input_name: str = "input"
+) -> None:
     """An index target has input's shape without the class dim: (), (N,) or (N, d1, ..., dK)."""
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
         raise ValueError(
-            f"cross_entropy: batch size mismatch: input has N={input.shape[0]}, target has {target.shape[0]}"
+            f"{op}: batch size mismatch: {input_name} has N={input.shape[0]}, target has {target.shape[0]}"
         )
     if target.shape != expected:
         raise ValueError(
-            f"cross_entropy: for input of shape {tuple(input.shape)} an index target must have shape "
+            f"{op}: for {input_name} of shape {tuple(input.shape)} an index target must have shape "
             f"{tuple(expected)}, got {tuple(target.shape)}"
         )
 
@@ -408,7 +421,7 @@ class _Call(NamedTuple):
 
 
 def _kernels():
-    from fused_ops.kernels import cross_entropy as kernels  # lazily: only when Triton is chosen
+    from fused_ops.kernels.triton import cross_entropy as kernels  # lazily: only when Triton is chosen
 
     return kernels
 
@@ -479,7 +492,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     torch.compile: dynamo traces forward and backward. On the Triton path it sees the launchers'
     `kernel[grid](...)` calls as user-defined Triton kernels, which Inductor compiles into its graph
-    along with the surrounding ops (see `fused_ops.kernels.cross_entropy` for why no custom op). The
+    along with the surrounding ops (see `fused_ops.kernels.triton.cross_entropy` for why no custom op). The
     backward then multiplies out of place, which Inductor fuses with what follows, instead of
     scaling a saved tensor in place (a mutation that functionalization would turn into a copy anyway).
     """
@@ -714,6 +727,9 @@ def _vocab_parallel(
             "cross_entropy: inplace_backward=True is not supported with process_group (vocab-parallel "
             "logits keep their memory); pass inplace_backward=False"
         )
+    # The one call from an op up to the multi-process room, imported here: that room imports this file.
+    from fused_ops.distributed.vocab_parallel import vocab_parallel_cross_entropy
+
     return vocab_parallel_cross_entropy(
         logits_shard,
         target,

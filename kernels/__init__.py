@@ -1,5 +1,6 @@
-"""Device code only: Triton kernels and their launchers, installed as `fused_ops.kernels`.
+"""Device code only, by device, installed as `fused_ops.kernels`:
 
-Importing a module here imports triton; the op files in `fused_ops/` import them lazily, only when
-the Triton backend is chosen.
+    triton/   Triton kernels and their launchers (CUDA GPUs; CPU tensors through Triton's interpreter)
+
+Nothing here is imported by `import fused_ops`: each op imports its kernels when a call runs them.
 """

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = f"{'arch':>5} {'warps':>5} {'regs':>5} {'spill':>6}"
     print(f"{'kernel':<32} {'pointer dtypes':<18} {columns}  constexprs")
     for module_name in args.module:
-        module = importlib.import_module(f"fused_ops.kernels.{module_name}")
+        module = importlib.import_module(f"fused_ops.kernels.triton.{module_name}")
         for spec in module.specializations():
             for arch in args.arch:
                 label = f"{spec.kernel.fn.__name__:<32} {pointer_dtypes(spec):<18}"

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fused_ops.backend import use_backend
 from fused_ops.convert import convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
-from fused_ops.sync_batch_norm import SyncBatchNorm
-from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
+from fused_ops.distributed.sync_batch_norm import SyncBatchNorm
+from fused_ops.distributed.vocab_parallel import vocab_parallel_cross_entropy
 
 CASE_TIMEOUT = datetime.timedelta(seconds=20)  # each collective of a case's own group
 

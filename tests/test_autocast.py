@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_ops
-from fused_ops.models import MLP
+from fused_ops.makemore.model import MLP
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BF16 = torch.bfloat16

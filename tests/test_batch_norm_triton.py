@@ -19,7 +19,7 @@ from fused_ops import use_backend
 from fused_ops.backend import BackendUnavailableError, triton_interpreter_enabled
 from fused_ops.batch_norm import backward_torch, forward_torch
 
-K = pytest.importorskip("fused_ops.kernels.batch_norm")
+K = pytest.importorskip("fused_ops.kernels.triton.batch_norm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernels = pytest.mark.skipif(

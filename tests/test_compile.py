@@ -20,7 +20,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fused_ops
 from fused_ops.backend import BackendUnavailableError, triton_available
 from fused_ops.cross_entropy import checked_targets
-from fused_ops.models import MLP
+from fused_ops.makemore.model import MLP
 
 VOCAB, BLOCK_SIZE = 27, 3
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import fused_ops
 from fused_ops.backend import use_backend
-from fused_ops.sync_batch_norm import SyncBatchNorm
+from fused_ops.distributed.sync_batch_norm import SyncBatchNorm
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,7 @@ def triton_backend():
 
 @pytest.fixture
 def kernels():
-    from fused_ops.kernels import cross_entropy
+    from fused_ops.kernels.triton import cross_entropy
 
     return cross_entropy
 

@@ -15,7 +15,7 @@ import torch
 
 import fused_ops
 from fused_ops.backend import triton_available
-from fused_ops.models import MLP
+from fused_ops.makemore.model import MLP
 
 pytestmark = pytest.mark.gpu
 

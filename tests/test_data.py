@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from fused_ops.data import Vocab, build_examples, load_dataset, load_words
+from fused_ops.makemore.data import Vocab, build_examples, load_dataset, load_words
 
 
 def test_bundled_names():

@@ -31,9 +31,9 @@ import fused_ops
 from fused_ops.backend import triton_available, triton_interpreter_enabled
 from fused_ops.batch_norm import BatchNorm1d
 from fused_ops.convert import convert
-from fused_ops.distributed import local_moments, merge_moments, shard_slice, world_size
-from fused_ops.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm, to_sync_batch_norm
-from fused_ops.vocab_parallel import vocab_parallel_cross_entropy
+from fused_ops.distributed.collectives import local_moments, merge_moments, shard_slice, world_size
+from fused_ops.distributed.sync_batch_norm import SyncBatchNorm, convert_sync_batch_norm, to_sync_batch_norm
+from fused_ops.distributed.vocab_parallel import vocab_parallel_cross_entropy
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 GROUP_TIMEOUT_S = 150  # the whole job, start-up included (collective timeouts: tests/dist_worker.py)

@@ -23,8 +23,8 @@ ARCHS = (80, 90)
 def test_kernels_compile_without_spills(module):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    if importlib.util.find_spec(f"fused_ops.kernels.{module}") is None:
-        pytest.skip(f"fused_ops.kernels.{module} does not exist yet")
+    if importlib.util.find_spec(f"fused_ops.kernels.triton.{module}") is None:
+        pytest.skip(f"fused_ops.kernels.triton.{module} does not exist yet")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     runs = [
         subprocess.Popen(

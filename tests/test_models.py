@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fused_ops
-from fused_ops.data import Vocab, load_words
-from fused_ops.models import MLP, sample_names
+from fused_ops.makemore.data import Vocab, load_words
+from fused_ops.makemore.model import MLP, sample_names
 
 
 def make(fused: bool, seed: int = 0, **kwargs) -> MLP:

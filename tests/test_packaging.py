@@ -35,8 +35,13 @@ def wheel(tmp_path_factory) -> pathlib.Path:
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "fused_ops/kernels/__init__.py" in names
-    assert "fused_ops/data/names.txt" in names
+    assert "fused_ops/makemore/names.txt" in names
     assert "fused_ops/__main__.py" in names
+    assert "fused_ops/kernels/triton/cross_entropy.py" in names
+    assert "fused_ops/distributed/sync_batch_norm.py" in names
+    licenses = [name for name in names if name.endswith("/LICENSE") and ".dist-info/" in name]
+    assert licenses, f"no LICENSE in the wheel's metadata: {sorted(names)}"
+    assert b"MIT License" in zipfile.ZipFile(wheel).read(licenses[0])
     assert not any(name.startswith("kernels/") for name in names), "kernels must not be a top-level package"
     top_level = [name for name in names if name.endswith("top_level.txt")]
     assert [zipfile.ZipFile(wheel).read(name).decode().split() for name in top_level] == [["fused_ops"]]
@@ -54,9 +59,10 @@ def test_installed_wheel_imports_and_loads_its_data(wheel, tmp_path):
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
     code = (
-        "import fused_ops, fused_ops.kernels, fused_ops.data\n"
+        "import fused_ops, fused_ops.kernels, fused_ops.makemore.data\n"
         "print(fused_ops.__file__)\nprint(fused_ops.kernels.__file__)\n"
-        "print(len(fused_ops.data.load_words()), len(fused_ops.data.load_dataset().train))\n"
+        "from fused_ops.makemore import data\n"
+        "print(len(data.load_words()), len(data.load_dataset().train))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run(

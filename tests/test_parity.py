@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from fused_ops import parity
+from fused_ops.makemore import parity
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

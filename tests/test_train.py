@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_ops.data import Split, load_dataset
-from fused_ops.train import TrainConfig, build_model, evaluate, train_model
+from fused_ops.makemore.data import Split, load_dataset
+from fused_ops.makemore.train import TrainConfig, build_model, evaluate, train_model
 
 
 @pytest.fixture(scope="module")

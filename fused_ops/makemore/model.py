@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_ops.convert import convert
-from fused_ops.cross_entropy import cross_entropy
-from fused_ops.data import Vocab
+from fused_ops import convert, cross_entropy
+from fused_ops.makemore.data import Vocab
 
 
 class MLP(nn.Module):

@@ -23,76 +23,18 @@ ignored rows. These are F.cross_entropy's semantics, label smoothing with weight
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from fused_ops.distributed import all_gather_stacked, all_reduce_max, all_reduce_sum, is_distributed, rank
-
-REDUCTIONS = ("none", "mean", "sum")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_args(
-    logits_shard: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-) -> None:
-    """Raise a clear error naming the bad argument; checks types, shapes and devices, never values."""
-    name = "vocab_parallel_cross_entropy"
-    if not isinstance(logits_shard, torch.Tensor):
-        raise TypeError(f"{name}: logits_shard must be a torch.Tensor, got {type(logits_shard).__name__}")
-    if logits_shard.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: logits_shard must be a floating-point tensor, got {logits_shard.dtype}")
-    if logits_shard.ndim == 0:
-        raise ValueError(
-            f"{name}: logits_shard must be (C_r,), (N, C_r) or (N, C_r, d1, ...), got a 0-D tensor"
-        )
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{name}: target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(
-            f"{name}: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
-            f"class-probability targets are not supported with sharded logits"
-        )
-    expected = logits_shard.shape[:1] + logits_shard.shape[2:] if logits_shard.ndim > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(
-            f"{name}: target must have shape {tuple(expected)} for logits_shard of shape "
-            f"{tuple(logits_shard.shape)}, got {tuple(target.shape)}"
-        )
-    if target.device != logits_shard.device:
-        raise ValueError(f"{name}: target is on {target.device} but logits_shard is on {logits_shard.device}")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"{name}: weight must be a floating-point torch.Tensor or None")
-        width = logits_shard.shape[0] if logits_shard.ndim == 1 else logits_shard.shape[1]
-        if weight.shape != (width,):
-            raise ValueError(
-                f"{name}: weight must be this rank's slice of the class weights, shape ({width},) like "
-                f"logits_shard's class dimension, got {tuple(weight.shape)}"
-            )
-        if weight.device != logits_shard.device:
-            raise ValueError(
-                f"{name}: weight is on {weight.device} but logits_shard is on {logits_shard.device}"
-            )
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{name}: weight requires grad, but its gradient is not computed; pass weight.detach()"
-            )
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"{name}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
-        raise TypeError(f"{name}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+from fused_ops.cross_entropy import _check_args
+from fused_ops.distributed.collectives import (
+    all_gather_stacked,
+    all_reduce_max,
+    all_reduce_sum,
+    is_distributed,
+    rank,
+)
 
 
 def _class_offset(width: int, device: torch.device, process_group, distributed: bool):
@@ -237,7 +179,17 @@ def vocab_parallel_cross_entropy(
     An index target outside [0, C) that is not ignore_index raises IndexError on CPU, and on other
     devices with validate=True (one host sync); otherwise its row's loss and gradient are nan.
     """
-    _check_args(logits_shard, target, weight, ignore_index, reduction, label_smoothing)
+    _check_args(
+        logits_shard,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        op="vocab_parallel_cross_entropy",
+        input_name="logits_shard",
+        sharded=True,
+    )
     unbatched = logits_shard.ndim == 1
     logits = logits_shard.unsqueeze(0) if unbatched else logits_shard
     # (N, C_r, d1, ..., dK) -> (M, C_r) rows with M = N * d1 * ... * dK; autograd maps the gradient back.

@@ -22,7 +22,7 @@ END = "."  # start padding and end-of-name token, index 0
 
 def load_words() -> list[str]:
     """The 32,033 bundled names, in file order."""
-    text = resources.files("fused_ops").joinpath("data/names.txt").read_text(encoding="utf-8")
+    text = resources.files("fused_ops.makemore").joinpath("names.txt").read_text(encoding="utf-8")
     return text.splitlines()
 
 

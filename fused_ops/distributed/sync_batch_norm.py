@@ -5,7 +5,8 @@ weight, bias, running_mean, running_var (C,). n = sum_r N_r * L values per chann
 
 The result equals single-process BatchNorm over the batch concatenated across ranks:
     forward   one all_gather of (count, mean, M2) per rank, merged count-weighted
-              (fused_ops.distributed.merge_moments); then the single-process normalise/affine/activation.
+              (fused_ops.distributed.collectives.merge_moments); then the single-process
+              normalise/affine/activation.
     backward  one all_reduce of the stacked (sum(g), sum(g * xhat)), g the gradient at the affine output:
               dx = gamma * invstd / n * (n * g - sum(g) - xhat * sum(g * xhat) * k), k = n / (n - 1) if
               unbiased else 1, the sums over all ranks. dgamma = sum(g * xhat) and dbeta = sum(g) are this
@@ -24,17 +25,21 @@ from torch.autograd.function import once_differentiable
 
 from fused_ops.backend import use_triton
 from fused_ops.batch_norm import (
-    _FLOAT_DTYPES,
-    _HALF_DTYPES,
     ACTIVATIONS,
     BatchNorm1d,
     _activation_grad,
     _channel_view,
+    _check_args,
     _reduce_dims,
     forward_torch,
     stat_dtype,
 )
-from fused_ops.distributed import all_gather_moments, all_reduce_sum, is_distributed, local_moments
+from fused_ops.distributed.collectives import (
+    all_gather_moments,
+    all_reduce_sum,
+    is_distributed,
+    local_moments,
+)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -72,7 +77,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Normalising with the global statistics is single-process eval mode with them as running stats,
         # on the backend fused_ops.batch_norm would pick (the Triton kernel on CUDA).
         if triton:
-            from fused_ops.kernels import batch_norm as kernels
+            from fused_ops.kernels.triton import batch_norm as kernels
 
             forward = kernels.batch_norm_forward
         else:
@@ -121,40 +126,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
-def _check_input(module: SyncBatchNorm, input: torch.Tensor) -> None:
-    """The input checks of fused_ops.batch_norm, except "more than one value per channel": one rank may
-    hold one row, or none, when the group holds more, and the group's count is a device tensor (checking
-    it would need a host sync). Parameters and buffers are the module's own, so only input is checked.
-    """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"SyncBatchNorm: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"SyncBatchNorm: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
-        )
-    if input.ndim not in (2, 3):
-        raise ValueError(
-            f"SyncBatchNorm: input must be 2-D (N, C) or 3-D (N, C, L), "
-            f"got {input.ndim}-D {tuple(input.shape)}"
-        )
-    if input.shape[1] != module.num_features:
-        raise ValueError(
-            f"SyncBatchNorm: input has C = {input.shape[1]} channels but the module has "
-            f"num_features = {module.num_features}"
-        )
-    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(module, name)
-        if t is None:
-            continue
-        if t.device != input.device:
-            raise ValueError(f"SyncBatchNorm: {name} is on {t.device} but input is on {input.device}")
-        if t.dtype not in allowed:
-            raise TypeError(
-                f"SyncBatchNorm: {name} has dtype {t.dtype}, which does not fit {input.dtype} input"
-            )
-
-
 class SyncBatchNorm(BatchNorm1d):
     """fused_ops.BatchNorm1d with training statistics over every rank of `process_group`.
 
@@ -195,11 +166,25 @@ class SyncBatchNorm(BatchNorm1d):
         # As torch.nn.SyncBatchNorm: statistics are synchronised in training mode only.
         if not self.training or not is_distributed(self.process_group):
             return super().forward(input)
-        _check_input(self, input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        _check_args(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            True,
+            momentum,
+            self.eps,
+            self.unbiased,
+            self.activation,
+            op="SyncBatchNorm",
+            whole_batch=False,
+            num_features=self.num_features,
+        )
         triton = use_triton(
             "batch_norm", input, self.weight, self.bias
         )  # may raise: before any state changes
-        momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,10 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from fused_ops.convert import convert
-from fused_ops.data import Split, load_dataset
+from fused_ops import convert
 from fused_ops.distributed import (
     DDPInfo,
     all_reduce_sum,
@@ -41,12 +40,13 @@ from fused_ops.distributed import (
     shard_slice,
     world_size,
 )
-from fused_ops.models import MLP, sample_names
+from fused_ops.makemore.data import Split, load_dataset
+from fused_ops.makemore.model import MLP, sample_names
 
 DEFAULT_STEPS = 50_000  # val loss 2.145; ~1.5 min of one core with the torch path (CPU)
 EVAL_CHUNK = 32_768  # examples per eval forward: bounds eval memory at ~30 MB for n_hidden 200
-LOG_EVERY = 200  # steps between progress-bar updates (each reads a loss back to the host) and, with
-# data-parallel training, between the all_reduces that sum the ranks' shares of the losses
+LOG_EVERY = 200  # steps between the all_reduces that sum the ranks' shares of the losses (data-parallel)
+PROGRESS_LINES = 10  # progress lines per run, at most; each reads one loss back to the host
 
 
 @dataclass
@@ -99,7 +99,8 @@ def train_model(
     """Run `config.steps` SGD steps on minibatches of `train`; returns the per-step losses (steps,).
 
     `model(X, Y)` must return (logits, loss), the loss a mean over the rows given. The losses stay on
-    the device; the only host reads are the progress-bar updates every LOG_EVERY steps.
+    the device; the only host reads are the PROGRESS_LINES progress lines, each the mean training loss
+    since the previous one, printed when `progress` is set.
 
     process_group: None for one process; else data-parallel training over that group, `model` being
     wrapped in DistributedDataParallel over it. Every rank draws the same global batch of
@@ -122,8 +123,10 @@ def train_model(
     reduced = 0  # losses[:reduced] are summed over the ranks
     decay_step = config.decay_step
     model.train()
-    bar = tqdm(range(config.steps), desc="train", unit="step", disable=not progress, mininterval=0.5)
-    for step in bar:
+    # Progress lines at multiples of LOG_EVERY, so that the losses they average are summed over the ranks.
+    report_every = LOG_EVERY * max(1, math.ceil(config.steps / (PROGRESS_LINES * LOG_EVERY)))
+    reported, start = 0, time.perf_counter()
+    for step in range(config.steps):
         if step == decay_step:
             for group in optimizer.param_groups:
                 group["lr"] = config.final_lr
@@ -140,11 +143,14 @@ def train_model(
             if world > 1:  # one collective per LOG_EVERY steps: sum the ranks' shares of each loss
                 losses[reduced : step + 1] = all_reduce_sum(losses[reduced : step + 1], process_group)
             reduced = step + 1
-            if progress and (step + 1) % LOG_EVERY == 0:
-                bar.set_postfix(
-                    loss=f"{losses[step + 1 - LOG_EVERY : step + 1].mean().item():.4f}", refresh=False
+            if progress and (reduced % report_every == 0 or reduced == config.steps):
+                mean = losses[reported:reduced].mean().item()
+                print(
+                    f"step {reduced:>{len(str(config.steps))}}/{config.steps}  train loss {mean:.4f} "
+                    f"(mean of steps {reported + 1}-{reduced})  {time.perf_counter() - start:.1f} s",
+                    flush=True,
                 )
-    bar.close()
+                reported = reduced
     return losses
 
 

@@ -69,7 +69,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from fused_ops.kernels.spec import KernelSpec
+from fused_ops.kernels.triton.spec import KernelSpec
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 

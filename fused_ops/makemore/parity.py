@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fused_ops.batch_norm import batch_norm
-from fused_ops.cross_entropy import cross_entropy
-from fused_ops.data import load_dataset
+from fused_ops import batch_norm, cross_entropy
+from fused_ops.makemore.data import load_dataset
 
 NOTEBOOK_SEED = 2147483647
 BN_SEED = 42  # bngain / bnbias: the notebook uses the global RNG (see the module docstring)

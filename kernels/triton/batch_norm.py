@@ -23,7 +23,7 @@ stats back); x, y, dy and dx are fp32, fp16 or bf16. Closed forms as in `fused_o
 with g = dy * act'(.) read from the saved output y.
 
 torch.compile traces the launchers and sees these kernels as user-defined Triton kernels (see
-`fused_ops.kernels.cross_entropy` for why no custom op). Block sizes depend on N only through its
+`fused_ops.kernels.triton.cross_entropy` for why no custom op). Block sizes depend on N only through its
 power-of-two bucket (`_next_power_of_2`), so a dynamic batch size recompiles once per bucket.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from fused_ops.kernels.spec import KernelSpec
+from fused_ops.kernels.triton.spec import KernelSpec
 
 ACTIVATION_CODES = {None: 0, "tanh": 1, "relu": 2}
 _TANH = tl.constexpr(1)
