@@ -7,14 +7,17 @@ This module only re-exports the public API. Importing it loads the ops and nothi
 (loaded when a Triton kernel is about to run), no makemore application, tqdm or matplotlib.
 """
 from fused_ops.backend import BackendUnavailableError, use_backend
-from fused_ops.batch_norm import BatchNorm1d, batch_norm
-from fused_ops.convert import convert
+from fused_ops.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from fused_ops.convert import ConversionReport, convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
 from fused_ops.distributed import SyncBatchNorm, vocab_parallel_cross_entropy
 
 __all__ = [
     "BackendUnavailableError",
     "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ConversionReport",
     "CrossEntropyLoss",
     "SyncBatchNorm",
     "batch_norm",

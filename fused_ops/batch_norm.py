@@ -1,33 +1,52 @@
-"""BatchNorm over (N, C) and (N, C, L) with a fused activation: PyTorch path, autograd Function, op, module.
+"""BatchNorm over (N, C, *) with a fused residual add and activation: checks, PyTorch path, Function,
+op, modules.
 
-Shapes: input (N, C) or (N, C, L); weight, bias, running_mean, running_var (C,). Statistics are per
-feature c over the N (and L) axis; n = N * L values each.
+Shapes: input (N, C, *) with any number of trailing dims; weight, bias, running_mean, running_var (C,);
+residual like input. Statistics are per channel c over N and the trailing dims: n = N * prod(*) values.
 
-Reads top to bottom: argument checks, the PyTorch path (the reference every backend is checked
-against), the autograd Function (dispatch to the Triton kernels or the PyTorch path), the functional
-`batch_norm`, the module `BatchNorm1d`.
+Reads top to bottom: argument checks, the layout (how an (N, C, *) input reaches the backends), the
+PyTorch path (the reference every backend is checked against), the autograd Function (dispatch to the
+Triton kernels or the PyTorch path, in one place), the functional `batch_norm`, the modules
+`BatchNorm1d/2d/3d`.
 
-The closed forms, with xhat = (x - mean) * invstd and g the gradient reaching the affine output:
+The op computes y = act(u), u = gamma * xhat + beta (+ residual), xhat = (x - mean) * invstd. With
+g = dy * act'(u), the gradient at u (and the residual's gradient):
     dx     = gamma * invstd / n * (n * g - sum(g) - xhat * sum(g * xhat))     training, biased variance
-    dx     = same with the last term times n / (n - 1)                          training, unbiased=True
-    dx     = g * gamma * invstd_running                                         eval (running stats)
-    dgamma = sum(g * xhat),  dbeta = sum(g)
-where g = dy for no activation, dy * (1 - y^2) after tanh and dy * (y > 0) after relu.
+    dx     = same with the last term times k = n / (n - 1)                    training, unbiased=True
+    dx     = g * gamma * invstd_running                                       eval (running stats)
+    dgamma = sum(g * xhat),  dbeta = sum(g),  dresidual = g
+    act'   = 1 (None), y > 0 (relu), 1 - y^2 (tanh), s * (1 + u * (1 - s)) with s = sigmoid(u) (silu)
+
+Backend interface (the Triton kernels mirror it; so must any other backend). Every backend gets the
+input as `_flatten` leaves it, x: (M, C) or (N, C, L) (see "Layout"), and is called with keywords:
+    forward(x, weight, bias, running_mean, running_var, residual, *, momentum, eps, training, unbiased,
+            activation) -> (y: contiguous, x's shape and dtype; mean, invstd: (C,) in `stat_dtype`)
+        updates the running stats in place in training mode
+    backward(dy, x, y, residual, weight, bias, mean, invstd, *, training, unbiased, activation,
+             residual_grad) -> (dx, dweight, dbias: (C,) in `stat_dtype`, dresidual or None)
+        y is the forward's output for relu/tanh and None otherwise; residual is given for silu only
+        (to recompute u); dresidual is computed when residual_grad (dy itself without an activation)
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
 
-ACTIVATIONS = (None, "tanh", "relu")
+ACTIVATIONS = (None, "relu", "tanh", "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Which activations keep the output y for the backward (relu: y > 0, tanh: 1 - y^2); silu cannot be
+# inverted from its output, so its backward recomputes u from x (and the residual) instead.
+_SAVES_OUTPUT = ("relu", "tanh")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,6 +72,24 @@ def _check_channel_tensor(
         raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
 
 
+def _check_residual(residual: object, input: torch.Tensor, op: str) -> None:
+    """A tensor of input's very shape (no broadcasting), dtype and device."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"{op}: residual must have input's shape {tuple(input.shape)} (it is added to the normalised "
+            f"input, without broadcasting), got {tuple(residual.shape)}"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(
+            f"{op}: residual must have input's dtype {input.dtype}, got {residual.dtype}; "
+            f"convert it with residual.to({input.dtype})"
+        )
+    if residual.device != input.device:
+        raise ValueError(f"{op}: residual is on {residual.device} but input is on {input.device}")
+
+
 def _check_args(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -64,10 +101,12 @@ def _check_args(
     eps: float,
     unbiased: bool,
     activation: str | None,
+    residual: torch.Tensor | None = None,
     *,
     op: str = "batch_norm",
     whole_batch: bool = True,
     num_features: int | None = None,
+    input_ndims: tuple[int, ...] | None = None,
 ) -> None:
     """Raise a clear error naming the bad argument; checks shapes, dtypes and devices, never values.
 
@@ -76,7 +115,7 @@ def _check_args(
     share of the batch, which may hold one row or none, so "more than one value per channel" cannot be
     judged from it (the group's count is a device tensor, and SyncBatchNorm leaves the running stats
     untouched when it is below 2, without a host sync). num_features: a module's feature count, which
-    input's dim 1 must match.
+    input's dim 1 must match. input_ndims: the dims a module takes (BatchNorm2d: (4,)), None for any >= 2.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
@@ -84,10 +123,14 @@ def _check_args(
         raise TypeError(
             f"{op}: input must be a floating-point tensor (fp16/bf16/fp32/fp64), got {input.dtype}"
         )
-    if input.ndim not in (2, 3):
+    if input.ndim < 2:
         raise ValueError(
-            f"{op}: input must be 2-D (N, C) or 3-D (N, C, L), got {input.ndim}-D {tuple(input.shape)}"
+            f"{op}: input must be (N, C, *) with a batch and a channel dim, got {input.ndim}-D "
+            f"{tuple(input.shape)}; for a single sample of C features use input.unsqueeze(0) (and "
+            f"training=False: one value per channel has no batch statistics)"
         )
+    if input_ndims is not None and input.ndim not in input_ndims:
+        raise ValueError(_wrong_ndim_message(op, input, input_ndims))
     if num_features is not None and input.shape[1] != num_features:
         raise ValueError(
             f"{op}: the module has num_features={num_features}, but input has {input.shape[1]} features in "
@@ -110,6 +153,8 @@ def _check_args(
     ):
         if t is not None:
             _check_channel_tensor(name, t, input, allowed, op)
+    if residual is not None:
+        _check_residual(residual, input, op)
     if isinstance(momentum, torch.Tensor):
         if momentum.ndim != 0 or not momentum.is_floating_point():
             raise TypeError(
@@ -136,13 +181,84 @@ def _check_args(
         )
 
 
+_MODULE_FOR_NDIM = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+def _wrong_ndim_message(op: str, input: torch.Tensor, input_ndims: tuple[int, ...]) -> str:
+    expected = " or ".join(f"{d}-D" for d in input_ndims)
+    right = _MODULE_FOR_NDIM.get(input.ndim)
+    fix = (
+        f"use fused_ops.{right} for {input.ndim}-D input"
+        if right is not None
+        else "use fused_ops.batch_norm or fused_ops.SyncBatchNorm, which take (N, C, *) input"
+    )
+    return f"{op}: expected {expected} input, got {input.ndim}-D input of shape {tuple(input.shape)}; {fix}"
+
+
 def _is_real(value: object) -> bool:
     """A real number and not a bool; a float is answered without numbers.Real's slower ABC check."""
     return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
+def _check_activation(activation: object, unbiased: object, op: str) -> None:
+    """The modules' extra constructor keywords."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"{op}: unbiased must be a bool, got {type(unbiased).__name__}")
+
+
 # ----------------------------------------------------------------------------------------------------
-# PyTorch path
+# Layout: what the backends see. (N, C) and (N, C, L) input reaches them as it is. An input with more
+# dims is flattened, as a view whenever its strides allow: channels_last / channels_last_3d input to
+# (M, C) = (N * prod(*), C) rows, channels innermost; any other layout to (N, C, L), L = prod(*) (a copy
+# when the trailing dims do not merge, e.g. a slice). The output is contiguous in that flat shape, so y
+# comes back channels_last for channels_last input and contiguous otherwise, as torch's own BatchNorm.
+# ----------------------------------------------------------------------------------------------------
+class Layout(NamedTuple):
+    """How an (N, C, *) input with more than 3 dims is flattened for the backends."""
+
+    shape: torch.Size  # the input's shape
+    channels_last: bool  # (M, C) rows; else (N, C, L)
+
+
+def _layout(input: torch.Tensor) -> Layout | None:
+    """None for 2-D and 3-D input, which the backends take as it is."""
+    if input.ndim <= 3:
+        return None
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.ndim)
+    # An empty tensor is contiguous in every format: its strides tell which one it was made in.
+    contiguous = input.is_contiguous() and (input.numel() > 0 or input.stride(1) != 1)
+    channels_last = fmt is not None and not contiguous and input.is_contiguous(memory_format=fmt)
+    return Layout(input.shape, channels_last)
+
+
+def _flatten(t: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """t (input's shape) as the backends see it: (M, C) rows or (N, C, L); a view when t's strides allow."""
+    if layout is None:
+        return t
+    batch, num_features, *spatial = layout.shape
+    length = 1
+    for size in spatial:  # a loop, not math.prod: sizes may be symbolic under torch.compile
+        length = length * size
+    if layout.channels_last:
+        return t.movedim(1, -1).reshape(batch * length, num_features)
+    return t.reshape(batch, num_features, length)
+
+
+def _unflatten(t: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """The inverse of `_flatten`: a contiguous flat t back to input's shape (channels_last for rows)."""
+    if layout is None:
+        return t
+    if layout.channels_last:
+        n, c, *spatial = layout.shape
+        return t.reshape(n, *spatial, c).movedim(-1, 1)
+    return t.reshape(layout.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch path. Large inputs on CPU pay as much for a fresh N x C buffer (page faults) as for a pass
+# over it, so each direction allocates one such buffer (two for silu's backward) and works in place.
 # ----------------------------------------------------------------------------------------------------
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics (mean, invstd) are fp32, or fp64 for fp64 input."""
@@ -155,7 +271,7 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> a view that broadcasts against the input: (C,) itself for (N, C), (1, C, 1) for (N, C, L)."""
+    """(C,) -> a view that broadcasts against an (M, C) or (N, C, L) tensor."""
     return t if ndim == 2 else t.view(1, -1, 1)
 
 
@@ -163,14 +279,109 @@ def _reduce_dims(ndim: int) -> tuple[int, ...]:
     return (0,) if ndim == 2 else (0, 2)
 
 
-def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """Gradient at the activation's input, from the saved output y."""
-    if activation == "tanh":  # d tanh(u)/du = 1 - tanh(u)^2: dy - dy * y * y, written over y * y
-        y_sq = _to(y, dy.dtype).square()  # in dy's (statistics) dtype, also beside fp16/bf16 y
-        return torch.addcmul(dy, dy, y_sq, value=-1, out=y_sq)
+def _count(x: torch.Tensor) -> int:
+    """n: values per channel."""
+    return x.numel() // max(x.shape[1], 1)
+
+
+def _affine_(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """t = t * scale + shift in place, scale and shift (C,). One addcmul over (M, C); over (N, C, L),
+    where addcmul's broadcast along the inner dim is several times slower on CPU, a mul_ and an add_."""
+    if t.ndim == 2 and shift is not None:
+        return torch.addcmul(shift, t, scale, out=t)
+    t = t.mul_(_channel_view(scale, t.ndim))
+    return t if shift is None else t.add_(_channel_view(shift, t.ndim))
+
+
+def _activate_(u: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "relu":
-        return dy * (y > 0)  # y = max(u, 0): du = dy where y > 0
+        return u.relu_()
+    if activation == "tanh":
+        return u.tanh_()
+    if activation == "silu":
+        return F.silu(u, inplace=True)
+    return u
+
+
+def _pre_activation(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+) -> torch.Tensor:
+    """u = (x - mean) * scale + shift (+ residual) in the statistics' dtype, a new tensor."""
+    u = torch.sub(x, _channel_view(mean, x.ndim))  # fp16/bf16 x promotes to the statistics' dtype
+    u = _affine_(u, scale, shift)
+    return u if residual is None else u.add_(residual)
+
+
+def _activation_grad(
+    dy: torch.Tensor, y: torch.Tensor | None, u: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
+    """g = dy * act'(u), in dy's dtype (the statistics'): from the saved output y for relu and tanh,
+    from the recomputed u for silu (whose buffer it reuses). Without an activation, dy itself."""
+    if activation == "relu":  # y = max(u, 0): du = dy where y > 0
+        return torch.where(y > 0, dy, 0.0)
+    if activation == "tanh":  # d tanh(u)/du = 1 - tanh(u)^2: dy - dy * y * y, written over y * y
+        y_sq = _to(y, dy.dtype).square()
+        return torch.addcmul(dy, dy, y_sq, value=-1, out=y_sq)
+    if activation == "silu":  # d (u * s)/du = s * (1 + u * (1 - s)), s = sigmoid(u)
+        s = torch.sigmoid(u)
+        return u.addcmul_(u, s, value=-1).add_(1).mul_(s).mul_(dy)  # u -> u (1 - s) -> ... -> g
     return dy
+
+
+def _grad_at_u(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor:
+    """g = dy * act'(u) in the statistics' dtype: the gradient at the affine output, and the residual's."""
+    u = _pre_activation(x, residual, mean, scale, shift) if activation == "silu" else None
+    return _activation_grad(_to(dy, mean.dtype), y, u, activation)
+
+
+def _grad_sums(
+    g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum(g) = dbeta, sum(g * xhat) = dgamma, an N x C buffer for dx), the sums over this batch.
+
+    sum(g * xhat) = invstd * sum(g * (x - mean)): the product is formed in the buffer that then takes dx.
+    """
+    dims = _reduce_dims(x.ndim)
+    buffer = torch.sub(x, _channel_view(mean, x.ndim))  # x - mean, in the statistics' dtype
+    sum_g_xhat = buffer.mul_(g).sum(dims).mul_(invstd)
+    return g.sum(dims), sum_g_xhat, buffer
+
+
+def _training_input_grad_(
+    buffer: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    scale: torch.Tensor,
+    sum_g: torch.Tensor,
+    sum_g_xhat: torch.Tensor,
+    count: int | torch.Tensor,
+    unbiased: bool,
+) -> torch.Tensor:
+    """Training dx, built in place in `buffer` (x's shape, the statistics' dtype).
+
+    dx = gamma*invstd * (g - sum(g)/n - xhat * sum(g*xhat) * k/n), k = n/(n-1) with unbiased=True;
+    with xhat = (x - mean) * invstd: scale * ((x - mean) * coef + g) - scale * sum(g)/n, where
+    coef = -invstd * sum(g*xhat) * k/n. n (`count`) may be a device tensor (SyncBatchNorm's group count).
+    """
+    k_over_n = 1.0 / (count - 1) if unbiased else 1.0 / count
+    coef = sum_g_xhat * invstd * -k_over_n
+    dx = _affine_(torch.sub(x, _channel_view(mean, x.ndim), out=buffer), coef, None).add_(g)
+    return _affine_(dx, scale, sum_g * scale * (-1.0 / count))
 
 
 def _update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float | torch.Tensor) -> None:
@@ -181,59 +392,67 @@ def _update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float 
         running.copy_(running.to(batch.dtype).lerp_(batch, momentum))
 
 
+def _scale_shift(
+    invstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-channel scale = gamma * invstd and shift = beta, in invstd's dtype."""
+    scale = invstd if weight is None else invstd * weight
+    return scale, None if bias is None else _to(bias, invstd.dtype)
+
+
 def forward_torch(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
     momentum: float | torch.Tensor,
     eps: float,
     training: bool,
     unbiased: bool,
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (N, C) or (N, C, L) -> (y like x, mean (C,), invstd (C,)); mean/invstd in `stat_dtype`.
+    """x: (M, C) or (N, C, L), residual like x or None -> (y like x, mean (C,), invstd (C,)), the
+    statistics in `stat_dtype`. The backend interface's forward (module docstring).
 
     Training normalises with the batch statistics and, when running stats are given, updates them in
     place with the unbiased variance: running = (1 - momentum) * running + momentum * batch.
-    Eval normalises with the running stats.
+    Eval normalises with the running stats, folded into one scale and shift per channel:
+    y = act(x * gamma * invstd + (beta - mean * gamma * invstd) + residual), as torch's CPU kernel does.
 
-    The batch variance takes two passes, the mean and then the mean square of x - mean: accurate when
-    |mean| >> std, and on CPU far cheaper than torch.var_mean (~80 us at (32, 200), and slower than
-    these passes at (4096, 1024) too). The output is written over x - mean, a temporary of our own,
-    so that a large input costs no further N x C allocation.
+    Training takes the batch variance in two passes, the mean and then the mean square of x - mean
+    (accurate when |mean| >> std), squaring x - mean in place in the output's buffer, which then
+    receives x - mean again for the affine: one N x C allocation in all.
     """
     stat = stat_dtype(x.dtype)
-    ndim, num_features = x.ndim, x.shape[1]
-    count = x.numel() // max(num_features, 1)  # n = N * L values per feature
+    num_features, count = x.shape[1], _count(x)
     if count == 0:  # as PyTorch: empty output, zero statistics, running stats untouched
         mean = torch.zeros(num_features, dtype=stat, device=x.device)
-        return torch.empty_like(x), mean, torch.zeros_like(mean)
-    xs = _to(x, stat)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.zeros_like(mean)
     if not training:
         mean = _to(running_mean, stat)
         invstd = torch.rsqrt(_to(running_var, stat) + eps)
-        centered = xs - _channel_view(mean, ndim)
+        scale, shift = _scale_shift(invstd, weight, bias)
+        folded = shift - mean * scale if shift is not None else -mean * scale
+        out = torch.mul(x, _channel_view(scale, x.ndim))  # fp16/bf16 x promotes to the fp32 scale
+        out = out.add_(_channel_view(folded, x.ndim))
     else:
-        dims = _reduce_dims(ndim)
-        mean = xs.mean(dims)
-        centered = xs - _channel_view(mean, ndim)
-        var = (centered * centered).mean(dims)  # biased: sum((x - mean)^2) / n
+        dims = _reduce_dims(x.ndim)
+        mean = x.mean(dims, dtype=stat)
+        out = torch.sub(x, _channel_view(mean, x.ndim))  # (x - mean), in `stat` (mean's dtype)
+        var = out.square_().mean(dims)  # biased: sum((x - mean)^2) / n, squared in place
         var_unbiased = var * (count / (count - 1)) if unbiased or running_mean is not None else None
         invstd = torch.rsqrt((var_unbiased if unbiased else var) + eps)
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var_unbiased, momentum)
-    scale = _channel_view(invstd if weight is None else invstd * _to(weight, stat), ndim)
-    if bias is None:  # y = gamma * xhat (+ beta), in place over `centered`
-        out = centered.mul_(scale)
-    else:
-        out = torch.addcmul(_channel_view(_to(bias, stat), ndim), centered, scale, out=centered)
-    if activation == "tanh":
-        out = out.tanh_()
-    elif activation == "relu":
-        out = out.relu_()
+        scale, shift = _scale_shift(invstd, weight, bias)
+        out = _affine_(torch.sub(x, _channel_view(mean, x.ndim), out=out), scale, shift)
+    if residual is not None:
+        out = out.add_(residual)
+    out = _activate_(out, activation)
     return _to(out, x.dtype), mean, invstd
 
 
@@ -241,43 +460,41 @@ def backward_torch(
     dy: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor | None,
+    residual: torch.Tensor | None,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
+    *,
     training: bool,
     unbiased: bool,
     activation: str | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x (and y when activation is set): (N, C) or (N, C, L) -> (dx like x, dgamma (C,), dbeta (C,)).
+    residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dy, x: (M, C) or (N, C, L) -> (dx like x, dgamma (C,), dbeta (C,), dresidual like x or None).
+    The backend interface's backward (module docstring).
 
-    dgamma and dbeta come back in the statistics dtype; the caller casts them to weight/bias's dtype.
-    xhat is never formed: the closed form is rearranged so that invstd and gamma meet only (C,) vectors,
-    and dx is written over the temporary g * (x - mean), with no further N x C allocation.
+    y: the forward's output for relu/tanh (else None); residual: for silu (else None). dgamma and dbeta
+    come back in the statistics dtype; the caller casts them to weight/bias's dtype. dresidual (when
+    residual_grad) is g in x's dtype, dy itself without an activation. xhat is never formed: invstd
+    and gamma meet only (C,) vectors, and dx is built in place in one N x C buffer, x - mean.
     """
-    stat = mean.dtype
-    ndim = x.ndim
-    dims = _reduce_dims(ndim)
-    count = x.numel() // max(x.shape[1], 1)
+    count = _count(x)
     if count == 0:  # empty batch: empty dx, zero dgamma and dbeta (as PyTorch)
-        return torch.empty_like(x), torch.zeros_like(mean), torch.zeros_like(mean)
-    g = _activation_grad(_to(dy, stat), y, activation)
-    centered = _to(x, stat) - _channel_view(mean, ndim)
-    sum_g = g.sum(dims)  # = dbeta
-    g_centered = g * centered
-    sum_g_xhat = g_centered.sum(dims).mul_(invstd)  # = dgamma: sum(g * xhat) = invstd * sum(g * (x - mean))
-    scale = invstd if weight is None else invstd * _to(weight, stat)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dresidual = torch.empty_like(dx) if residual_grad else None
+        return dx, torch.zeros_like(mean), torch.zeros_like(mean), dresidual
+    scale, shift = _scale_shift(invstd, weight, bias)
+    g = _grad_at_u(dy, x, y, residual, mean, scale, shift, activation)
+    dresidual = None
+    if residual_grad:
+        dresidual = dy if activation is None else _to(g, dy.dtype)
+    sum_g, sum_g_xhat, buffer = _grad_sums(g, x, mean, invstd)
     if training:
-        # dx = gamma*invstd/n * (n*g - sum(g) - xhat*sum(g*xhat)*k), k = n/(n-1) with unbiased=True;
-        # with scale = gamma*invstd and xhat = (x - mean)*invstd, two passes over N x C:
-        # dx = g*scale - sum(g)*scale/n - (x - mean) * (k/n) * sum(g*xhat)*invstd*scale
-        k = count / (count - 1) if unbiased else 1.0
-        shift = (sum_g * scale).mul_(-1.0 / count)
-        dx = torch.addcmul(_channel_view(shift, ndim), g, _channel_view(scale, ndim), out=g_centered)
-        dx = dx.addcmul_(centered, _channel_view(sum_g_xhat * invstd * scale, ndim), value=-k / count)
-    else:
-        # running stats are constants: dx = g * gamma * invstd_running
-        dx = torch.mul(g, _channel_view(scale, ndim), out=g_centered)
-    return _to(dx, x.dtype), sum_g_xhat, sum_g
+        dx = _training_input_grad_(buffer, x, g, mean, invstd, scale, sum_g, sum_g_xhat, count, unbiased)
+    else:  # running stats are constants: dx = g * gamma * invstd_running
+        dx = torch.mul(g, _channel_view(scale, x.ndim), out=buffer)
+    return _to(dx, x.dtype), sum_g_xhat, sum_g, dresidual
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,8 +506,16 @@ def _kernels():
     return kernels
 
 
+def _backend(triton: bool):
+    """(forward, backward) of the chosen backend: the one place that maps the dispatch decision to code."""
+    if triton:
+        kernels = _kernels()
+        return kernels.batch_norm_forward, kernels.batch_norm_backward
+    return forward_torch, backward_torch
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """y = activation(gamma * xhat + beta); backward is the closed form in the module docstring."""
+    """y = act(gamma * xhat + beta + residual) on flat input; backward as in the module docstring."""
 
     @staticmethod
     def forward(
@@ -300,6 +525,7 @@ class BatchNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
+        residual: torch.Tensor | None,
         momentum: float | torch.Tensor,
         eps: float,
         training: bool,
@@ -307,13 +533,33 @@ class BatchNormFunction(torch.autograd.Function):
         activation: str | None,
         triton: bool,
     ) -> torch.Tensor:
-        forward = _kernels().batch_norm_forward if triton else forward_torch
+        forward, _ = _backend(triton)
         y, mean, invstd = forward(
-            input, weight, bias, running_mean, running_var, momentum, eps, training, unbiased, activation
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual,
+            momentum=momentum,
+            eps=eps,
+            training=training,
+            unbiased=unbiased,
+            activation=activation,
         )
         # Saved: x (for xhat), gamma, the statistics' mean and invstd (C values each, fp32; fp64 for fp64
-        # input; the running stats' in eval mode) and, with an activation, the output y for its derivative.
-        ctx.save_for_backward(input, weight, mean, invstd, y if activation is not None else None)
+        # input; the running stats' in eval mode); for relu and tanh the output y, for their derivative;
+        # for silu beta and the residual, to recompute u = gamma * xhat + beta + residual.
+        silu = activation == "silu"
+        ctx.save_for_backward(
+            input,
+            weight,
+            bias if silu else None,
+            mean,
+            invstd,
+            y if activation in _SAVES_OUTPUT else None,
+            residual if silu else None,
+        )
         ctx.config = (training, unbiased, activation, triton)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -321,20 +567,33 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward raises "trying to differentiate twice a function ..."
     def backward(ctx, dy: torch.Tensor):
-        x, weight, mean, invstd, y = ctx.saved_tensors
+        x, weight, bias, mean, invstd, y, residual = ctx.saved_tensors
         training, unbiased, activation, triton = ctx.config
-        backward = _kernels().batch_norm_backward if triton else backward_torch
-        dx, dweight, dbias = backward(dy, x, y, weight, mean, invstd, training, unbiased, activation)
-        needs_dx, needs_dweight, needs_dbias = ctx.needs_input_grad[:3]
+        needs_dx, needs_dweight, needs_dbias, _, _, needs_dresidual = ctx.needs_input_grad[:6]
+        _, backward = _backend(triton)
+        dx, dweight, dbias, dresidual = backward(
+            dy,
+            x,
+            y,
+            residual,
+            weight,
+            bias,
+            mean,
+            invstd,
+            training=training,
+            unbiased=unbiased,
+            activation=activation,
+            residual_grad=needs_dresidual,
+        )
         dx = dx if needs_dx else None
         dweight = _to(dweight, weight.dtype) if needs_dweight else None
         dbias = _to(dbias, ctx.bias_dtype) if needs_dbias else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, dresidual, None, None, None, None, None, None
 
 
 def _use_triton_kernels(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     """The dispatch decision, `use_triton`. The kernels take fp16/bf16/fp32 input: float64 stays on the
-    PyTorch path under "auto" and is an error when "triton" is forced."""
+    PyTorch path under "auto" and is an error when "triton" is forced. Raises before any state changes."""
     triton = use_triton("batch_norm", input, *tensors)
     if not triton or input.dtype != torch.float64:
         return triton
@@ -357,32 +616,52 @@ def _batch_norm(
     eps: float,
     unbiased: bool,
     activation: str | None,
+    residual: torch.Tensor | None,
+    triton: bool,
 ) -> torch.Tensor:
-    """`batch_norm` after `_check_args`: picks the backend once and applies the Function, or, when no
-    gradient is needed, runs the forward alone (the same output and running-stat update, without the
-    cost of recording an autograd node)."""
-    momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
-    triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, momentum_tensor)
-    args = (
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        float(eps),
-        training,
-        unbiased,
-        activation,
-    )
+    """`batch_norm` after `_check_args` and the backend choice (`_use_triton_kernels`): flattens the
+    input and applies the Function, or, when no gradient is needed, runs the forward alone (the same
+    output and running-stat update, without the cost of recording an autograd node)."""
+    layout = _layout(input)
+    x = _flatten(input, layout)
+    residual_flat = None if residual is None else _flatten(residual, layout)
     if torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
     ):
-        return BatchNormFunction.apply(*args, triton)
-    with torch.no_grad():  # as inside Function.forward: the ops skip autograd's bookkeeping
-        return (_kernels().batch_norm_forward if triton else forward_torch)(*args)[0]
+        y = BatchNormFunction.apply(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual_flat,
+            momentum,
+            float(eps),
+            training,
+            unbiased,
+            activation,
+            triton,
+        )
+    else:
+        forward, _ = _backend(triton)
+        with torch.no_grad():  # as inside Function.forward: the ops skip autograd's bookkeeping
+            y = forward(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                residual_flat,
+                momentum=momentum,
+                eps=float(eps),
+                training=training,
+                unbiased=unbiased,
+                activation=activation,
+            )[0]
+    return _unflatten(y, layout)
 
 
 def batch_norm(
@@ -397,36 +676,60 @@ def batch_norm(
     *,
     unbiased: bool = False,
     activation: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BatchNorm as `torch.nn.functional.batch_norm`, plus an unbiased-variance mode and a fused activation.
+    """BatchNorm as `torch.nn.functional.batch_norm`, with a fused residual add and activation.
 
-    input: (N, C) or (N, C, L); running_mean, running_var, weight, bias: (C,) or None. Returns y like input.
+    Computes act(batch_norm(input) + residual) in one pass and returns a tensor like input.
 
-    training=True normalises with the batch mean and biased variance (the N-1 variance with
+    input: (N, C, *), any number of trailing dims (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W), in
+    any memory format; the output is channels_last (channels_last_3d) for such input and contiguous
+    otherwise, as torch's. running_mean, running_var, weight, bias: (C,) or None. residual: None or a
+    tensor of input's shape, dtype and device (the ResNet block's identity), whose gradient the backward
+    returns. fp16/bf16 input keeps fp32 statistics; weight, bias and running stats may be fp32 beside it.
+
+    training=True normalises with the batch mean and biased variance (the n-1 variance with
     unbiased=True, as the backprop-ninja notebook does) and, when running stats are given, updates them
     in place with the unbiased variance. training=False uses the running stats. `momentum` may be a
     0-dim tensor (e.g. 1 / num_batches_tracked for a cumulative average) so that it stays on device.
-    activation: None, "tanh" or "relu", applied after the affine in the same kernel.
-    fp16/bf16 input keeps fp32 statistics; weight, bias and running stats may be fp32 beside it.
-    Under torch.autocast it runs in input's dtype, as torch's batch_norm does (it is on none of
-    autocast's lists): bf16 in, bf16 out, float32 statistics.
+
+    activation: None, "relu", "tanh" or "silu", applied after the add, its derivative folded into the
+    backward. What each keeps for the backward, besides x and the (C,) statistics:
+        relu  the output y (dy where y > 0): y is what the next layer reads, and keeps, anyway
+        tanh  the output y (dy * (1 - y^2)): no pre-activation tensor is stored
+        silu  nothing more: silu is not invertible from its output, so the backward recomputes
+              u = gamma * xhat + beta (+ residual) from x (and keeps a reference to the residual),
+              rather than storing u, which would cost a write in the forward and an N x C buffer
+        None  nothing more; the residual's gradient is dy itself.
+
+    Raises TypeError/ValueError naming the argument on bad input (e.g. 1-D input, a residual of another
+    shape, dtype or device, an unknown activation), before any running stat changes. Under
+    torch.autocast it runs in input's dtype, as torch's batch_norm does (it is on none of autocast's
+    lists): bf16 in, bf16 out, float32 statistics.
     """
-    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
-    return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation
-    )
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
+    _check_args(*args, residual)
+    triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, residual, _tensor(momentum))
+    return _batch_norm(*args, residual, triton)
+
+
+def _tensor(momentum: float | torch.Tensor) -> torch.Tensor | None:
+    return momentum if isinstance(momentum, torch.Tensor) else None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Module
+# Modules
 # ----------------------------------------------------------------------------------------------------
-class BatchNorm1d(nn.BatchNorm1d):
-    """Drop-in `torch.nn.BatchNorm1d` (same arguments, state_dict and train/eval behaviour) on fused ops.
+# torch >= 2.12 takes BatchNorm(..., bias=False): an affine weight without a bias. Before that, the
+# modules here emulate it with torch's own mechanics (bias registered as None).
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
 
-    input: (N, C) or (N, C, L). Extra keywords: `unbiased=True` normalises with the N-1 variance;
-    `activation="tanh"|"relu"` applies the activation in the same kernel. momentum=None (cumulative
-    average) computes 1 / num_batches_tracked on device, with no host sync.
-    """
+
+class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The constructor and forward that BatchNorm1d/2d/3d and SyncBatchNorm share: torch's constructor
+    (with `bias=` on every supported torch) plus `unbiased` and `activation`; forward(input, residual)."""
+
+    _input_ndims: tuple[int, ...] | None = None  # what forward takes; None: any (N, C, *)
 
     def __init__(
         self,
@@ -438,18 +741,38 @@ class BatchNorm1d(nn.BatchNorm1d):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         unbiased: bool = False,
         activation: str | None = None,
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"BatchNorm1d: activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if not isinstance(unbiased, bool):
-            raise TypeError(f"BatchNorm1d: unbiased must be a bool, got {type(unbiased).__name__}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        name = type(self).__name__
+        _check_activation(activation, unbiased, name)
+        if not isinstance(bias, bool):
+            raise TypeError(f"{name}: bias must be a bool, got {type(bias).__name__}")
+        args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if _TORCH_TAKES_BIAS:
+            super().__init__(*args, bias=bias)
+        else:
+            super().__init__(*args)
+            if affine and not bias:  # as torch >= 2.12 does: no parameter, no state_dict key
+                self.register_parameter("bias", None)
         self.unbiased = unbiased
         self.activation = activation
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def reset_parameters(self) -> None:
+        """torch's (>= 2.12): a bias of None is left alone."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if self._input_ndims is not None and input.ndim not in self._input_ndims:
+            raise ValueError(_wrong_ndim_message(type(self).__name__, input, self._input_ndims))
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(BatchNorm(input) + residual); residual None or a tensor of input's shape and dtype."""
         # Same rules as torch's _BatchNorm.forward: batch statistics in training, or in eval when no
         # running stats are kept; running stats updated only in training with track_running_stats.
         training = self.training or (self.running_mean is None and self.running_var is None)
@@ -468,14 +791,16 @@ class BatchNorm1d(nn.BatchNorm1d):
             self.eps,
             self.unbiased,
             self.activation,
+            residual,
             op=type(self).__name__,
             num_features=self.num_features,
+            input_ndims=self._input_ndims,
         )
+        triton = _use_triton_kernels(input, running_mean, running_var, self.weight, self.bias, residual)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
-                dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-                momentum = self.num_batches_tracked.to(dtype).reciprocal()
+                momentum = self.num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
         return _batch_norm(
             input,
             running_mean,
@@ -487,12 +812,45 @@ class BatchNorm1d(nn.BatchNorm1d):
             self.eps,
             self.unbiased,
             self.activation,
+            residual,
+            triton,
         )
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
+        if not _TORCH_TAKES_BIAS and self.affine and self.bias is None:
+            extra += ", bias=False"
         if self.unbiased:
             extra += ", unbiased=True"
         if self.activation is not None:
             extra += f", activation={self.activation!r}"
         return extra
+
+
+class BatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
+    """Drop-in `torch.nn.BatchNorm1d` (same arguments, state_dict and train/eval behaviour) on fused ops.
+
+    input: (N, C) or (N, C, L); forward(input, residual=None) computes act(BatchNorm(input) + residual).
+    Extra keywords: `unbiased=True` normalises with the n-1 variance; `activation="relu"|"tanh"|"silu"`
+    applies the activation in the same pass; `bias=False` (torch >= 2.12's keyword, on every torch
+    here) keeps the weight without a bias. momentum=None (cumulative average) computes
+    1 / num_batches_tracked on device, with no host sync. See `fused_ops.batch_norm`.
+    """
+
+    _input_ndims = (2, 3)
+
+
+class BatchNorm2d(_FusedBatchNorm, nn.BatchNorm2d):
+    """Drop-in `torch.nn.BatchNorm2d` on fused ops: input (N, C, H, W), contiguous or channels_last (the
+    output keeps it). forward(input, residual=None) computes act(BatchNorm(input) + residual): a ResNet
+    block's `out = self.bn2(out, residual=identity)` with activation="relu" is its bn2, add and relu in
+    one op. Extra keywords as `BatchNorm1d`."""
+
+    _input_ndims = (4,)
+
+
+class BatchNorm3d(_FusedBatchNorm, nn.BatchNorm3d):
+    """Drop-in `torch.nn.BatchNorm3d` on fused ops: input (N, C, D, H, W), contiguous or channels_last_3d.
+    forward(input, residual=None) and extra keywords as `BatchNorm2d`."""
+
+    _input_ndims = (5,)

@@ -61,21 +61,35 @@ def rows_of(counts: list[int], rank: int) -> slice:
     return slice(start, start + counts[rank])
 
 
+def _layout(t: torch.Tensor, case: dict) -> torch.Tensor:
+    """t in the case's memory format ("channels_last", ...; default contiguous)."""
+    return t.contiguous(memory_format=getattr(torch, case.get("memory_format", "contiguous_format")))
+
+
+def _leaf(t: torch.Tensor | None, case: dict) -> torch.Tensor | None:
+    return None if t is None else _layout(t.clone(), case).requires_grad_()
+
+
 def run_batch_norm(case: dict, rank: int, world_size: int, group) -> dict:
     """Train steps on this rank's rows of each global batch, then an eval step; record everything."""
     bn = SyncBatchNorm(**case["module"], dtype=case["dtype"], process_group=group)
     bn.load_state_dict(case["state"])
     observed = {"train": [], "eval": None}
-    for x_full, dy_full, counts in case["steps"]:
-        x = x_full[rows_of(counts, rank)].clone().requires_grad_()
+    fmt = getattr(torch, case.get("memory_format", "contiguous_format"))
+    for x_full, dy_full, counts, res_full in case["steps"]:
+        rows = rows_of(counts, rank)
+        x = _leaf(x_full[rows], case)
+        res = _leaf(None if res_full is None else res_full[rows], case)
         with count_collectives() as forward_calls:
-            y = bn(x)
+            y = bn(x, residual=res)
         with count_collectives() as backward_calls:
-            y.backward(dy_full[rows_of(counts, rank)])
+            y.backward(dy_full[rows])
         observed["train"].append(
             {
                 "y": y.detach(),
+                "layout_kept": y.is_contiguous(memory_format=fmt),
                 "dx": x.grad,
+                "dresidual": None if res is None else res.grad,
                 "dweight": None if bn.weight is None else bn.weight.grad.clone(),
                 "dbias": None if bn.bias is None else bn.bias.grad.clone(),
                 "state": {k: v.clone() for k, v in bn.state_dict().items()},
@@ -85,14 +99,17 @@ def run_batch_norm(case: dict, rank: int, world_size: int, group) -> dict:
         )
         bn.zero_grad(set_to_none=True)
     bn.eval()
-    x_full, dy_full, counts = case["eval"]
-    x = x_full[rows_of(counts, rank)].clone().requires_grad_()
+    x_full, dy_full, counts, res_full = case["eval"]
+    rows = rows_of(counts, rank)
+    x = _leaf(x_full[rows], case)
+    res = _leaf(None if res_full is None else res_full[rows], case)
     with count_collectives() as calls:
-        y = bn(x)
-        y.backward(dy_full[rows_of(counts, rank)])
+        y = bn(x, residual=res)
+        y.backward(dy_full[rows])
     observed["eval"] = {
         "y": y.detach(),
         "dx": x.grad,
+        "dresidual": None if res is None else res.grad,
         "calls": dict(calls),
         "state": {k: v.clone() for k, v in bn.state_dict().items()},
     }
@@ -106,9 +123,9 @@ def run_bad_input(case: dict, rank: int, world_size: int, group) -> dict:
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     errors = []
     with count_collectives() as calls:
-        for bad in case["bad_inputs"]:
+        for bad in case["bad_inputs"]:  # an input, or (input, residual)
             try:
-                bn(bad)
+                bn(*bad) if isinstance(bad, tuple) else bn(bad)
             except (TypeError, ValueError) as error:
                 errors.append(f"{type(error).__name__}: {error}")
     unchanged = all(torch.equal(before[k], v) for k, v in bn.state_dict().items())

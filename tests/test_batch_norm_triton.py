@@ -17,7 +17,7 @@ from torch import nn
 import fused_ops
 from fused_ops import use_backend
 from fused_ops.backend import BackendUnavailableError, triton_interpreter_enabled
-from fused_ops.batch_norm import backward_torch, forward_torch
+from fused_ops.batch_norm import _flatten, _layout, backward_torch, forward_torch
 
 K = pytest.importorskip("fused_ops.kernels.triton.batch_norm")
 
@@ -27,7 +27,7 @@ needs_kernels = pytest.mark.skipif(
     reason="needs CUDA or TRITON_INTERPRET=1 (set before triton is imported)",
 )
 F32 = {"atol": 2e-5, "rtol": 1e-4}
-ACTIVATIONS = {None: lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
+ACTIVATIONS = {None: lambda t: t, "relu": torch.relu, "tanh": torch.tanh, "silu": F.silu}
 
 
 @pytest.fixture
@@ -49,7 +49,13 @@ def small_combine_blocks(monkeypatch):
 
 
 @pytest.fixture
-def split_regime(monkeypatch, small_combine_blocks):
+def few_splits(monkeypatch):
+    """Partial programs aim at 8 in all (GPUs: SPLIT_PROGRAMS), so small inputs get several rows per split."""
+    monkeypatch.setattr(K, "SPLIT_PROGRAMS", 8)
+
+
+@pytest.fixture
+def split_regime(monkeypatch, small_combine_blocks, few_splits):
     """Force the split-N regime end to end (module and Function) on small inputs."""
     monkeypatch.setattr(K, "MAX_TILE", 32)
 
@@ -69,18 +75,16 @@ def make_case(shape, dtype=torch.float32, affine=True, running=True, mean=3.0, s
 
 
 def run(case, backend, training, momentum=0.1, unbiased=False, activation=None, functional=False):
-    """Forward + backward on copies of `case`; returns outputs, grads and the updated running stats."""
-    leaf = {
-        k: None if case[k] is None else case[k].clone().requires_grad_(k in ("x", "weight", "bias"))
-        for k in ("x", "weight", "bias")
-    }
+    """Forward + backward on copies of `case` (a "residual" entry, if any, is added before the
+    activation); returns outputs, grads and the updated running stats."""
+    keys = ("x", "weight", "bias", "residual")
+    leaf = {k: None if case.get(k) is None else _copy_leaf(case[k]) for k in keys}
     rm = None if case["running_mean"] is None else case["running_mean"].clone()
     rv = None if case["running_var"] is None else case["running_var"].clone()
     with use_backend(backend):
-        if functional:  # torch's own op, then the activation
-            y = ACTIVATIONS[activation](
-                F.batch_norm(leaf["x"], rm, rv, leaf["weight"], leaf["bias"], training, momentum)
-            )
+        if functional:  # torch's own ops: batch_norm, + residual, the activation
+            y = F.batch_norm(leaf["x"], rm, rv, leaf["weight"], leaf["bias"], training, momentum)
+            y = ACTIVATIONS[activation](y if leaf["residual"] is None else y + leaf["residual"])
         else:
             y = fused_ops.batch_norm(
                 leaf["x"],
@@ -92,10 +96,21 @@ def run(case, backend, training, momentum=0.1, unbiased=False, activation=None, 
                 momentum,
                 unbiased=unbiased,
                 activation=activation,
+                residual=leaf["residual"],
             )
         y.backward(case["dy"])
     grads = {f"d{k}": None if v is None else v.grad for k, v in leaf.items()}
     return dict(y=y.detach(), **grads, running_mean=rm, running_var=rv)
+
+
+def _in_format(case: dict, fmt: torch.memory_format) -> dict:
+    """The case with its N-D tensors in memory format `fmt` ((C,) tensors and None as they are)."""
+    return {k: v if v is None or v.ndim == 1 else v.contiguous(memory_format=fmt) for k, v in case.items()}
+
+
+def _copy_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A leaf with t's values and strides (clone keeps a dense layout such as channels_last)."""
+    return t.detach().clone().requires_grad_()
 
 
 def assert_all_close(got, expected, **tol):
@@ -125,7 +140,7 @@ class TestKernels:
     @pytest.mark.parametrize("shape", SHAPES, ids=str)
     @pytest.mark.parametrize("mode", list(MODES))
     @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-    @pytest.mark.parametrize("activation", [None, "tanh", "relu"])
+    @pytest.mark.parametrize("activation", list(ACTIVATIONS))
     def test_option_grid(self, shape, mode, affine, activation):
         training, running, unbiased = MODES[mode]
         case = make_case(shape, affine=affine, running=running)
@@ -136,38 +151,38 @@ class TestKernels:
                 ours, run(case, "torch", training, activation=activation, functional=True), **F32
             )
 
-    @pytest.mark.parametrize("shape,max_tile", [((40, 6), 32), ((9, 3, 13), 64)], ids=["2d", "3d"])
+    @pytest.mark.parametrize("shape,max_tile", [((40, 6), 32), ((10, 3, 13), 64)], ids=["2d", "3d"])
     @pytest.mark.parametrize("mode", ["train", "train_unbiased", "eval"])
-    @pytest.mark.parametrize("activation", [None, "tanh"])
+    @pytest.mark.parametrize("activation", [None, "tanh", "silu"])
     @pytest.mark.usefixtures("small_combine_blocks")
-    def test_split_regime_launchers(self, shape, max_tile, mode, activation):
-        """The partial / combine / apply kernels (several splits, a ragged last one) vs the PyTorch path."""
+    def test_split_regime_launchers(self, shape, max_tile, mode, activation, monkeypatch):
+        """The partial / combine / apply kernels (several splits, a ragged last one) vs the PyTorch path,
+        with a residual and its gradient."""
         training, _, unbiased = MODES[mode]
+        monkeypatch.setattr(K, "SPLIT_PROGRAMS", 4)
         n, c = shape[:2]
         settings = K.launch_settings(n, c, shape[2] if len(shape) == 3 else 1, max_tile)
         assert not settings.on_chip and settings.num_splits >= 3 and n % settings.rows_per_split
+        assert settings.rows_per_split > settings.tile.block_n  # several tiles per partial program
         case = make_case(shape)
         args = (case["weight"], case["bias"])
         stats = {k: (case["running_mean"].clone(), case["running_var"].clone()) for k in ("ours", "ref")}
+        residual = torch.randn(shape, device=DEVICE)
+        options = {"training": training, "unbiased": unbiased, "activation": activation}
         momentum = torch.tensor(0.3, device=DEVICE)
+        forward = {"momentum": momentum, "eps": 1e-5, **options}
         y, mean, invstd = K.batch_norm_forward(
-            case["x"],
-            *args,
-            *stats["ours"],
-            momentum,
-            1e-5,
-            training,
-            unbiased,
-            activation,
-            max_tile=max_tile,
+            case["x"], *args, *stats["ours"], residual, **forward, max_tile=max_tile
         )
-        y_ref, mean_ref, invstd_ref = forward_torch(
-            case["x"], *args, *stats["ref"], momentum, 1e-5, training, unbiased, activation
+        y_ref, mean_ref, invstd_ref = forward_torch(case["x"], *args, *stats["ref"], residual, **forward)
+        saved = residual if activation == "silu" else None
+        backward = {**options, "residual_grad": True}
+        dx, dw, db, dres = K.batch_norm_backward(
+            case["dy"], case["x"], y, saved, *args, mean, invstd, **backward, max_tile=max_tile
         )
-        back = (case["weight"], mean, invstd, training, unbiased, activation)
-        dx, dw, db = K.batch_norm_backward(case["dy"], case["x"], y, *back, max_tile=max_tile)
-        back_ref = (case["weight"], mean_ref, invstd_ref, training, unbiased, activation)
-        dx_ref, dw_ref, db_ref = backward_torch(case["dy"], case["x"], y_ref, *back_ref)
+        dx_ref, dw_ref, db_ref, dres_ref = backward_torch(
+            case["dy"], case["x"], y_ref, saved, *args, mean_ref, invstd_ref, **backward
+        )
         got = {
             "y": y,
             "mean": mean,
@@ -175,6 +190,7 @@ class TestKernels:
             "dx": dx,
             "dw": dw,
             "db": db,
+            "dres": dres,
             "rm": stats["ours"][0],
             "rv": stats["ours"][1],
         }
@@ -185,6 +201,7 @@ class TestKernels:
             "dx": dx_ref,
             "dw": dw_ref,
             "db": db_ref,
+            "dres": dres_ref,
             "rm": stats["ref"][0],
             "rv": stats["ref"][1],
         }
@@ -317,7 +334,7 @@ class TestKernels:
             run(case, "triton", True, activation="tanh"),
         )
         for k, v in first.items():
-            assert torch.equal(v, second[k]), k
+            assert (v is None and second[k] is None) or torch.equal(v, second[k]), k
 
     def test_empty_batch(self):
         for shape in ((0, 4), (3, 4, 0)):
@@ -352,6 +369,58 @@ class TestKernels:
         assert [name for name, _ in launches] == ["batch_norm_fwd_kernel", "batch_norm_bwd_kernel"]
 
 
+# Shapes as the op flattens them: NCHW -> (N, C, L) with L = H * W; channels_last and channels_last_3d
+# -> (M, C) rows. C = 5 is odd; both fit on chip by default and take the split regime with `split_regime`.
+LAYOUT_SHAPES = {
+    "nchw": ((3, 5, 4, 6), torch.contiguous_format),
+    "channels_last": ((3, 5, 4, 6), torch.channels_last),
+    "channels_last_3d": ((2, 5, 2, 3, 2), torch.channels_last_3d),
+}
+
+
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.usefixtures("poisoned")
+class TestLayouts:
+    """4-D and 5-D input in both layouts and both regimes, every activation, with the residual: the
+    kernels against the PyTorch path and torch's unfused ops, in training and eval; memory format kept."""
+
+    @pytest.mark.parametrize("layout", list(LAYOUT_SHAPES))
+    @pytest.mark.parametrize("regime", ["on_chip", "split"])
+    @pytest.mark.parametrize("activation", list(ACTIVATIONS))
+    def test_residual_and_activation(self, layout, regime, activation, request):
+        if regime == "split":
+            request.getfixturevalue("split_regime")
+        shape, fmt = LAYOUT_SHAPES[layout]
+        case = _in_format(make_case(shape), fmt)
+        case["residual"] = torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt)
+        flat = _flatten(case["x"], _layout(case["x"]))  # what the kernels get: (N, C, L) or (M, C) rows
+        assert (flat.ndim == 2) == (fmt != torch.contiguous_format)
+        n, c, length = (*flat.shape, 1)[:3]
+        assert K.launch_settings(n, c, length, K.MAX_TILE).on_chip == (regime == "on_chip")
+        for training in (True, False):
+            ours = run(case, "triton", training, activation=activation)
+            assert ours["y"].is_contiguous(memory_format=fmt) and ours["dx"].is_contiguous(memory_format=fmt)
+            assert_all_close(ours, run(case, "torch", training, activation=activation), **F32)
+            unfused = run(case, "torch", training, activation=activation, functional=True)
+            assert_all_close(ours, unfused, **F32)
+
+    @pytest.mark.parametrize("activation", [None, "relu"])
+    def test_residual_in_another_layout_and_without_grad(self, activation):
+        """A contiguous residual beside channels_last input is laid out like it; no gradient asked for it."""
+        case = _in_format(make_case((3, 5, 4, 6)), torch.channels_last)
+        residual = torch.randn(3, 5, 4, 6, device=DEVICE)
+        x = case["x"].clone().requires_grad_()
+        outputs = []
+        for backend in ("triton", "torch"):
+            with use_backend(backend):
+                y = fused_ops.batch_norm(x, None, None, case["weight"], case["bias"], True,
+                                         activation=activation, residual=residual)
+                (dx,) = torch.autograd.grad(y, x, case["dy"])
+            outputs.append((y, dx))
+        torch.testing.assert_close(outputs[0], outputs[1], **F32)
+
+
 def test_launch_settings_regimes_and_caps():
     """Deterministic settings: on chip up to MAX_TILE, split beyond; caps raise clearly."""
     makemore = K.launch_settings(32, 200, 1)
@@ -366,6 +435,33 @@ def test_launch_settings_regimes_and_caps():
         assert t.block_n * t.block_c * t.block_l <= K.MAX_TILE and 1 <= t.num_warps <= K.MAX_WARPS
     with pytest.raises(ValueError, match="C = "):
         K.launch_settings(64, K.MAX_GRID_DIM1 * K.MAX_BLOCK_C * 2, 1)
+
+
+@pytest.mark.parametrize(
+    "n,c,hw", [(256, 64, 56 * 56), (256, 256, 56 * 56), (256, 512, 28 * 28), (256, 2048, 7 * 7)]
+)
+def test_launch_settings_at_resnet_shapes(n, c, hw):
+    """ResNet-50's BatchNorm shapes take the split regime in both layouts: tiles run along the unit-stride
+    axis (channels for channels_last rows, H * W for NCHW), and the partial kernels run about
+    SPLIT_PROGRAMS programs (each reducing whole tile rows) so that the fixed-order combine stays short."""
+    for flat, unit_axis in (((n * hw, c, 1), "c"), ((n, c, hw), "l")):
+        settings = K.launch_settings(*flat)
+        tile = settings.tile
+        assert not settings.on_chip
+        assert tile.block_n * tile.block_c * tile.block_l == K.SPLIT_TILE
+        if unit_axis == "c":
+            assert tile.block_c == min(c, K.SPLIT_BLOCK_C) and tile.block_l == 1
+        else:
+            assert tile.block_l >= min(hw, 64)
+        programs = settings.num_splits * triton_cdiv(c, tile.block_c)
+        assert K.SPLIT_PROGRAMS // 4 <= programs <= 2 * K.SPLIT_PROGRAMS, programs
+        assert settings.rows_per_split % tile.block_n == 0
+        splits, rows = settings.num_splits, settings.rows_per_split
+        assert splits * rows >= flat[0] > (splits - 1) * rows  # no empty split
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
     with pytest.raises(ValueError, match="max_tile"):
         K.launch_settings(64, 8, 1, max_tile=100)
 
@@ -393,11 +489,30 @@ class TestGPU:
             err_torch = (theirs[k].double() - exact[k]).abs().max().item()
             assert err_ours <= 2 * err_torch + atol * scale, (k, err_ours, err_torch)
 
-    def test_split_is_bitwise_deterministic(self):
-        case = make_case((100_000, 64))
+    @pytest.mark.parametrize("shape", [(64, 64, 56, 56), (64, 2048, 7, 7)], ids=str)
+    @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str)
+    def test_resnet_shapes_with_residual_match_torch(self, shape, fmt, dtype, atol):
+        """ResNet's bn2 -> += identity -> relu at ResNet-50 shapes (smaller batch), both layouts."""
+        case = _in_format(make_case(shape, dtype), fmt)
+        case["residual"] = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+        as_double = {k: v.double() for k, v in case.items()}
+        exact = run(as_double, "torch", True, activation="relu", functional=True)
+        ours = run(case, "triton", True, activation="relu")
+        theirs = run(case, "torch", True, activation="relu", functional=True)  # torch's CUDA BatchNorm
+        assert ours["y"].is_contiguous(memory_format=fmt)
+        for k in ("y", "dx", "dresidual", "dweight", "dbias", "running_mean", "running_var"):
+            scale = exact[k].abs().max().item() + 1
+            err_ours = (ours[k].double() - exact[k]).abs().max().item()
+            err_torch = (theirs[k].double() - exact[k]).abs().max().item()
+            assert err_ours <= 2 * err_torch + atol * scale, (k, err_ours, err_torch)
+
+    @pytest.mark.parametrize("shape,fmt", [((100_000, 64), None), ((32, 64, 56, 56), torch.channels_last)])
+    def test_split_is_bitwise_deterministic(self, shape, fmt):
+        case = make_case(shape) if fmt is None else _in_format(make_case(shape), fmt)
         first, second = run(case, "triton", True), run(case, "triton", True)
         for k, v in first.items():
-            assert torch.equal(v, second[k]), k
+            assert (v is None and second[k] is None) or torch.equal(v, second[k]), k
 
     def test_makemore_shape_launches_one_kernel_each_way(self):
         m = fused_ops.BatchNorm1d(200, activation="tanh", device="cuda")

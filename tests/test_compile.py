@@ -209,6 +209,55 @@ def test_batch_norm_module_compiles_like_eager(case):
         torch.testing.assert_close(b.grad, a.grad)
 
 
+# (N, C, *) modules with the fused residual: (module class, input shape, memory format, options, eval after)
+IMAGE, VOLUME = (4, 6, 5, 3), (2, 6, 3, 2, 2)
+BN_ND_CASES = {
+    "2d channels_last, relu": (
+        fused_ops.BatchNorm2d, IMAGE, torch.channels_last, {"activation": "relu"}, False
+    ),
+    "2d nchw, unbiased, eval": (
+        fused_ops.BatchNorm2d, IMAGE, torch.contiguous_format, {"unbiased": True, "activation": "tanh"}, True
+    ),
+    "3d channels_last_3d, silu, momentum None": (
+        fused_ops.BatchNorm3d, VOLUME, torch.channels_last_3d, {"activation": "silu", "momentum": None}, False
+    ),
+    "sync single process, bias=False": (
+        fused_ops.SyncBatchNorm, IMAGE, torch.channels_last, {"bias": False, "activation": "relu"}, False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BN_ND_CASES.values(), ids=BN_ND_CASES.keys())
+def test_nd_batch_norm_with_residual_compiles_like_eager(case):
+    """forward(input, residual) and backward in one graph: outputs, their memory format, the gradients of
+    input, residual and parameters, running stats and num_batches_tracked over two steps."""
+    cls, shape, fmt, options, eval_mode = case
+    eager = cls(shape[1], **options)
+    compiled = copy.deepcopy(eager)
+    if eval_mode:
+        warm_up = torch.randn(shape) * 2 + 1
+        for module in (eager, compiled):
+            module(warm_up)
+            module.eval()
+    step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = (torch.randn(shape) * 3 + 2).contiguous(memory_format=fmt)
+        res = torch.randn(shape).contiguous(memory_format=fmt)
+        dy = torch.randn(shape)
+        outputs = []
+        for fn in (eager, step):
+            leaf, res_leaf = x.clone().requires_grad_(True), res.clone().requires_grad_(True)
+            y = fn(leaf, residual=res_leaf)
+            y.backward(dy)
+            assert y.is_contiguous(memory_format=fmt)
+            outputs.append((y.detach(), leaf.grad, res_leaf.grad))
+        torch.testing.assert_close(outputs[1], outputs[0])
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, msg=lambda m, name=name: f"{name}: {m}")
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # What compile changes: the target check as a custom op, inplace_backward, the backend guard.
 # ----------------------------------------------------------------------------------------------------

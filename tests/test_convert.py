@@ -1,5 +1,10 @@
-"""fused_ops.convert: BatchNorm1d swapped for the fused module, BN + Tanh/ReLU fused inside nn.Sequential;
-with a process group, swapped for SyncBatchNorm over it (the multi-rank results: tests/test_ddp_train.py)."""
+"""fused_ops.convert: torch's BatchNorm1d/2d/3d and SyncBatchNorm swapped for the fused modules, BN +
+ReLU/Tanh/SiLU fused inside nn.Sequential, every attribute kept, a report of what changed (and a warning
+when nothing did); with a process group, swapped for SyncBatchNorm over it (the multi-rank results:
+tests/test_ddp_train.py)."""
+import logging
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -117,11 +122,130 @@ def test_convert_is_idempotent_and_fuses_fused_modules():
     assert list(model) == first  # nothing left to convert
 
 
-def test_convert_ignores_other_modules():
-    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.BatchNorm2d(3), nn.ReLU())
+def test_convert_ignores_other_modules_and_warns_when_nothing_converts():
+    """No BatchNorm that convert() handles: the model is unchanged, and a warning says so, naming the
+    subclass it kept and why."""
+
+    class ScaledBatchNorm(nn.BatchNorm2d):  # its own forward: a swap would drop it
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 3, 1), nn.GroupNorm(1, 3), ScaledBatchNorm(3), nn.ReLU(), nn.LayerNorm(4)
+    )
     before = list(model)
-    fused_ops.convert(model)
+    with pytest.warns(UserWarning, match=r"0 BatchNorm layer\(s\) converted.*is unchanged.*ScaledBatchNorm"):
+        _, report = fused_ops.convert(model, return_report=True)
     assert list(model) == before
+    assert report.converted == [] and [u.name for u in report.unconverted] == ["2"]
+    assert "may have its own forward" in str(report)
+
+
+def test_convert_cnn_fuses_and_reports(caplog):
+    """The new user's case: Conv2d -> BatchNorm2d -> ReLU/SiLU comes back converted and fused, the
+    report lists each module, the log has it, and the model computes what the torch model did."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, eps=1e-3, momentum=0.01), nn.SiLU(),
+            nn.MaxPool2d(1),
+            nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4, affine=False),
+        )
+
+    reference, model = make(), make()
+    with caplog.at_level(logging.INFO, logger="fused_ops"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # something converted: no warning
+        converted, report = fused_ops.convert(model, return_report=True)
+    assert converted is model
+    kinds = [fused_ops.BatchNorm2d, nn.Identity, nn.Conv2d, fused_ops.BatchNorm2d, nn.Identity]
+    assert [type(m) for m in model[1:6]] == kinds
+    assert (model[1].activation, model[4].activation, model[8].activation) == ("relu", "silu", None)
+    assert [(c.name, c.fused) for c in report.converted] == [("1", "2"), ("4", "5"), ("8", None)]
+    assert report.fused_activations == 2 and report.unconverted == []
+    text = str(report)
+    assert text.splitlines()[0] == (
+        "fused_ops.convert(Sequential): 3 BatchNorm layer(s) converted, 2 activation(s) fused"
+    )
+    assert text.splitlines()[1].split() == [
+        "1", "nn.BatchNorm2d(8)", "->", "fused_ops.BatchNorm2d(8,", "activation='relu')", "[fused", "2]"
+    ]
+    assert text in caplog.text
+    x = torch.randn(4, 3, 6, 5).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-4)
+    for (name, b), exp in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, exp, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d", "sync"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"eps": 1e-3, "momentum": 0.3},
+        {"momentum": None, "affine": False},
+        {"track_running_stats": False, "eps": 0.5},
+        {"bias": False, "momentum": 0.0},
+    ],
+    ids=["eps_momentum", "cumulative_no_affine", "no_tracking", "no_bias"],
+)
+def test_convert_copies_every_attribute(kind, options):
+    """eps, momentum, affine, track_running_stats and bias survive, in a plain and a fusing conversion."""
+    torch_cls = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d}.get(kind, nn.SyncBatchNorm)
+    group = object() if kind == "sync" else None
+    extra = {"process_group": group} if kind == "sync" else {}
+    for fuse in (False, True):
+        bn = torch_cls(5, **options, **extra)
+        model = nn.Sequential(bn, nn.ReLU()) if fuse else nn.Sequential(bn)
+        fused_ops.convert(model)
+        new = model[0]
+        assert type(new).__name__ == torch_cls.__name__ and type(new).__module__.startswith("fused_ops")
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+            assert getattr(new, attr) == getattr(bn, attr), attr
+        assert (new.bias is None) == (bn.bias is None) and new.bias is bn.bias and new.weight is bn.weight
+        assert new.activation == ("relu" if fuse else None)
+        if kind == "sync":
+            assert new.process_group is group
+
+
+def test_never_refuses_a_batch_norm_with_an_activation():
+    """A BatchNorm that already applies relu, followed by nn.Tanh: relu stays, Tanh stays separate (with
+    and without a process group), and the report says why the Tanh was not fused."""
+    for process_group in (None, "group"):
+        model = nn.Sequential(fused_ops.BatchNorm1d(4, activation="relu"), nn.Tanh())
+        reference = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU(), nn.Tanh())
+        reference[0].load_state_dict(model[0].state_dict())
+        group = None if process_group is None else object()
+        _, report = fused_ops.convert(model, process_group=group, return_report=True)
+        assert model[0].activation == "relu" and isinstance(model[1], nn.Tanh)
+        assert "already has activation='relu'" in str(report)
+        if group is not None:
+            assert type(model[0]) is SyncBatchNorm and model[0].process_group is group
+        x = torch.randn(6, 4)  # outside torch.distributed the SyncBatchNorm computes locally
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def test_torch_sync_batch_norm_converts_with_its_group():
+    group = object()
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.SyncBatchNorm(4, process_group=group), nn.ReLU())
+    _, report = fused_ops.convert(model, return_report=True)
+    assert type(model[1]) is SyncBatchNorm and model[1].process_group is group
+    assert model[1].activation == "relu"
+    line = (
+        "nn.SyncBatchNorm(4)  -> fused_ops.SyncBatchNorm(4, activation='relu', process_group=<given>)  "
+        "[fused 2]"
+    )
+    assert line in str(report)
+
+
+def test_second_convert_reports_already_fused_without_warning():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh())
+    fused_ops.convert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = fused_ops.convert(model, return_report=True)
+    assert report.converted == [] and report.has_fused_batch_norm
+    assert "1: kept" not in str(report) and "already fused_ops'" in str(report)
 
 
 @pytest.fixture

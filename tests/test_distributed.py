@@ -122,21 +122,30 @@ def run_group(world: int, cases: dict, workdir: Path) -> list[dict] | str:
 # ----------------------------------------------------------------------------------------------------
 # Scenarios and their single-process references
 # ----------------------------------------------------------------------------------------------------
-def _bn_case(gen, dtype, num_features, length, step_counts, eval_counts, **module) -> dict:
-    """A SyncBatchNorm scenario: global batches (x, dy) split into rows per rank, random initial state."""
+_TORCH_BATCH_NORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def _bn_case(
+    gen, dtype, num_features, spatial, step_counts, eval_counts, memory_format=None, residual=False, **module
+) -> dict:
+    """A SyncBatchNorm scenario: global batches (x, dy, counts, residual or None) split into rows per rank,
+    random initial state. spatial: None for (N, C) input, an int L for (N, C, L), a tuple for more dims;
+    memory_format: the name of the layout each rank gives its rows ("channels_last", ...)."""
     module = dict(
         {"momentum": 0.1, "affine": True, "track_running_stats": True, "unbiased": False, "activation": None},
         num_features=num_features,
         **module,
     )
-    shape = (num_features,) if length is None else (num_features, length)
+    spatial = () if spatial is None else (spatial,) if isinstance(spatial, int) else tuple(spatial)
+    shape = (num_features, *spatial)
 
     def batch(counts):
         n = sum(counts)
         x = (torch.randn(n, *shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
-        return x, torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype), counts
+        res = torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype) if residual else None
+        return x, torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype), counts, res
 
-    reference = nn.BatchNorm1d(
+    reference = _TORCH_BATCH_NORM[2 + len(spatial)](
         num_features,
         momentum=module["momentum"],
         affine=module["affine"],
@@ -151,7 +160,7 @@ def _bn_case(gen, dtype, num_features, length, step_counts, eval_counts, **modul
         state["running_mean"] = torch.randn(num_features, generator=gen, dtype=torch.float64).to(dtype)
         state["running_var"] = (torch.rand(num_features, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
         state["num_batches_tracked"] = torch.tensor(3)
-    return {
+    case = {
         "kind": "batch_norm",
         "module": module,
         "dtype": dtype,
@@ -159,6 +168,7 @@ def _bn_case(gen, dtype, num_features, length, step_counts, eval_counts, **modul
         "steps": [batch(c) for c in step_counts],
         "eval": batch(eval_counts),
     }
+    return case if memory_format is None else dict(case, memory_format=memory_format)
 
 
 def _rows(counts, rank):
@@ -167,31 +177,38 @@ def _rows(counts, rank):
 
 
 def _activate(u, activation):
-    return {None: lambda v: v, "tanh": torch.tanh, "relu": torch.relu}[activation](u)
+    return {None: lambda v: v, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu}[activation](u)
 
 
-def _reference_bn(x, dy, counts, weight, bias, mean, var, eps, activation):
-    """float64 autograd through y = act(gamma * (x - mean) / sqrt(var + eps) + beta); in training, mean
-    and var are computed from x (inside the graph). Returns y, dx, [dgamma, dbeta] and each rank's share
-    of them."""
-    shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
+def _dims(x: torch.Tensor) -> tuple[int, ...]:
+    """Every dim but the channels'."""
+    return (0, *range(2, x.ndim))
+
+
+def _reference_bn(x, dy, counts, weight, bias, mean, var, eps, activation, residual=None):
+    """float64 autograd through y = act(gamma * (x - mean) / sqrt(var + eps) + beta + residual); in
+    training, mean and var are computed from x (inside the graph). Returns y, dx, dresidual (or None),
+    [dgamma, dbeta] and each rank's share of them."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
     u = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
     if weight is not None:
         u = u * weight.view(shape) + bias.view(shape)
-    y = _activate(u, activation)
+    y = _activate(u if residual is None else u + residual, activation)
     params = [t for t in (weight, bias) if t is not None]
-    dx, *dparams = torch.autograd.grad(y, [x, *params], dy, retain_graph=True)
+    inputs = [x, *params] + ([] if residual is None else [residual])
+    dx, *rest = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    dparams, dresidual = rest[: len(params)], (rest[-1] if residual is not None else None)
     shares = []
     for r in range(len(counts)):  # rank r's share: the parameters' gradient through its rows only
         rows = _rows(counts, r)
         shares.append(torch.autograd.grad(y[rows], params, dy[rows], retain_graph=True) if params else ())
-    return y, dx, dparams, shares
+    return y, dx, dresidual, dparams, shares
 
 
 def _torch_batch_norm_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """torch.nn.BatchNorm1d (+ activation) in the case's dtype on each full training batch: (y, dx)."""
+    """torch's BatchNorm (+ residual, + activation) in the case's dtype on each full batch: (y, dx)."""
     m = case["module"]
-    bn = nn.BatchNorm1d(
+    bn = _TORCH_BATCH_NORM[case["steps"][0][0].ndim](
         m["num_features"],
         momentum=m["momentum"],
         affine=m["affine"],
@@ -200,9 +217,10 @@ def _torch_batch_norm_steps(case: dict) -> list[tuple[torch.Tensor, torch.Tensor
     )
     bn.load_state_dict(case["state"])
     outputs = []
-    for x, dy, _ in case["steps"]:
+    for x, dy, _, res in case["steps"]:
         x = x.clone().requires_grad_()
-        y = _activate(bn(x), m["activation"])
+        u = bn(x)
+        y = _activate(u if res is None else u + res, m["activation"])
         y.backward(dy)
         outputs.append((y.detach(), x.grad))
     return outputs
@@ -221,30 +239,35 @@ def _assert_close(
 
 
 def check_batch_norm(case: dict, observed: list[dict]) -> None:
-    """Each rank's outputs, gradients and state against float64 single-process BatchNorm, full batch."""
+    """Each rank's outputs, gradients and state against float64 single-process BatchNorm, full batch.
+
+    A global batch of fewer than 2 values per channel (e.g. rows [1, 0]) leaves the running stats
+    untouched, where single-process BatchNorm would raise; num_batches_tracked still counts it."""
     m = case["module"]
     tol = TOLERANCES[case["dtype"]]
     torch_steps = _torch_batch_norm_steps(case) if case["dtype"] in LOW_PRECISION else None
     state = {k: v.double() if v.is_floating_point() else v.clone() for k, v in case["state"].items()}
     weight = state.get("weight")
     bias = state.get("bias")
-    for step, (x, dy, counts) in enumerate(case["steps"]):
-        dims = (0,) if x.ndim == 2 else (0, 2)
+    for step, (x, dy, counts, res) in enumerate(case["steps"]):
+        dims = _dims(x)
         x64 = x.double().requires_grad_()
+        res64 = None if res is None else res.double().requires_grad_()
         w64 = None if weight is None else weight.clone().requires_grad_()
         b64 = None if bias is None else bias.clone().requires_grad_()
         var = x64.var(dims, correction=1 if m["unbiased"] else 0)
-        y, dx, dparams, shares = _reference_bn(
-            x64, dy.double(), counts, w64, b64, x64.mean(dims), var, 1e-5, m["activation"]
+        y, dx, dres, dparams, shares = _reference_bn(
+            x64, dy.double(), counts, w64, b64, x64.mean(dims), var, 1e-5, m["activation"], res64
         )
         if m["track_running_stats"]:
             state["num_batches_tracked"] += 1
             momentum = m["momentum"] if m["momentum"] is not None else 1 / state["num_batches_tracked"].item()
-            state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * x64.detach().mean(
-                dims
-            )
-            unbiased_var = x64.detach().var(dims, correction=1)
-            state["running_var"] = (1 - momentum) * state["running_var"] + momentum * unbiased_var
+            if x.numel() // x.shape[1] > 1:
+                state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * x64.detach().mean(
+                    dims
+                )
+                unbiased_var = x64.detach().var(dims, correction=1)
+                state["running_var"] = (1 - momentum) * state["running_var"] + momentum * unbiased_var
         for rank, seen in enumerate(observed):
             got = seen["train"][step]
             rows = _rows(counts, rank)
@@ -258,6 +281,9 @@ def check_batch_norm(case: dict, observed: list[dict]) -> None:
             )
             _assert_close(got["y"], y[rows].detach(), case["dtype"], errors[0])
             _assert_close(got["dx"], dx[rows], case["dtype"], errors[1])
+            assert got["layout_kept"], "the output lost the input's memory format"
+            if res is not None:
+                _assert_close(got["dresidual"], dres[rows], case["dtype"], errors[0])
             if weight is not None:  # this rank's share; DistributedDataParallel sums (averages) them
                 torch.testing.assert_close(got["dweight"].double(), shares[rank][0], **tol)
                 torch.testing.assert_close(got["dbias"].double(), shares[rank][1], **tol)
@@ -271,22 +297,24 @@ def check_batch_norm(case: dict, observed: list[dict]) -> None:
             torch.testing.assert_close(summed[0], dparams[0], **tol)
             torch.testing.assert_close(summed[1], dparams[1], **tol)
 
-    x, dy, counts = case["eval"]
+    x, dy, counts, res = case["eval"]
     for rank, seen in enumerate(observed):
         rows = _rows(counts, rank)
         x64 = x[rows].double().requires_grad_()
+        res64 = None if res is None else res[rows].double().requires_grad_()
         if m["track_running_stats"]:  # the running stats, no collective
             mean, var = state["running_mean"], state["running_var"]
         else:  # no running stats: this rank's own batch statistics, unsynchronised, as torch.nn.SyncBatchNorm
-            dims = (0,) if x.ndim == 2 else (0, 2)
-            mean, var = x64.mean(dims), x64.var(dims, correction=int(m["unbiased"]))
+            mean, var = x64.mean(_dims(x64)), x64.var(_dims(x64), correction=int(m["unbiased"]))
         params = [None if t is None else t.clone().requires_grad_() for t in (weight, bias)]
-        y, dx, _, _ = _reference_bn(
-            x64, dy[rows].double(), [counts[rank]], *params, mean, var, 1e-5, m["activation"]
+        y, dx, dres, _, _ = _reference_bn(
+            x64, dy[rows].double(), [counts[rank]], *params, mean, var, 1e-5, m["activation"], res64
         )
         got = seen["eval"]
         torch.testing.assert_close(got["y"].double(), y.detach(), **tol)
         torch.testing.assert_close(got["dx"].double(), dx, **tol)
+        if res is not None:
+            torch.testing.assert_close(got["dresidual"].double(), dres, **tol)
         assert got["calls"] == {}, f"eval mode ran collectives: {got['calls']}"
         for key, value in state.items():  # eval leaves the state alone
             torch.testing.assert_close(got["state"][key].to(value.dtype), value, **tol)
@@ -304,7 +332,9 @@ def _bad_input_case(gen, world: int) -> dict:
             torch.randn(5, 3, generator=gen),
             torch.randn(5, 4, dtype=torch.float64, generator=gen),
             torch.randint(0, 3, (5, 4), generator=gen),
-            torch.randn(2, 4, 3, 2, generator=gen),
+            torch.randn(4, generator=gen),  # 1-D
+            (torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 2, generator=gen)),  # residual's shape
+            (torch.randn(5, 4, generator=gen), torch.randn(5, 4, dtype=torch.float64, generator=gen)),
         ],
         "good_input": torch.randn(sum(counts), 4, generator=gen),
     }
@@ -442,10 +472,27 @@ def _scenarios(world: int) -> dict[str, dict]:
             "bn_triton_3d_tanh": dict(
                 _bn_case(gen, f32, 5, 3, [[4, 0], [2, 5]], [3, 1], activation="tanh"), backend="triton"
             ),
+            "bn_triton_4d_channels_last_residual_silu": dict(
+                _bn_case(
+                    gen, f32, 3, (2, 3), [[2, 3]], [1, 2], "channels_last", residual=True, activation="silu"
+                ),
+                backend="triton",
+            ),
             "bn_bf16_3d_tanh": _bn_case(
                 gen, torch.bfloat16, 6, 5, [[6, 10], [9, 0]], [3, 2], activation="tanh"
             ),
             "bad_input": _bad_input_case(gen, world),
+            # 4-D channels_last with the residual (the ResNet block's bn2 + identity + relu): uneven rows
+            "bn_4d_channels_last_residual_relu": _bn_case(
+                gen, f64, 5, (3, 4), [[3, 2], [0, 4]], [2, 1], "channels_last",
+                residual=True, activation="relu",
+            ),
+            "bn_5d_channels_last_3d_residual_silu_fp32": _bn_case(
+                gen, f32, 3, (2, 3, 2), [[2, 1], [1, 2]], [1, 1], "channels_last_3d", residual=True,
+                activation="silu", momentum=None,
+            ),
+            # a global batch of one value per channel: running stats untouched (issue 11's [1, 0])
+            "bn_one_value_in_the_group": _bn_case(gen, f64, 4, None, [[1, 0], [3, 2]], [1, 1]),
             # C = 27 (the makemore vocabulary) split 14 + 13, through fused_ops.cross_entropy(process_group=)
             "ce_27_uneven": dict(_ce_case(gen, f64, [14, 13], 12), group="WORLD", api="cross_entropy"),
             # (N, C, d): 3 x 10 x 4 logits, 7 + 3 classes
@@ -474,6 +521,13 @@ def _scenarios(world: int) -> dict[str, dict]:
         ),
         "bn_fp32_3d": _bn_case(gen, f32, 4, 5, [[2, 3, 4]], [1, 2, 0], momentum=None),
         "bad_input": _bad_input_case(gen, world),
+        "bn_4d_channels_last_residual_relu_unbiased": _bn_case(
+            gen, f64, 4, (2, 3), [[2, 0, 3], [1, 1, 1]], [0, 2, 1], "channels_last", residual=True,
+            activation="relu", unbiased=True,
+        ),
+        "bn_4d_nchw_fp32_residual_tanh": _bn_case(
+            gen, f32, 6, (3, 3), [[4, 2, 3]], [1, 1, 1], residual=True, activation="tanh"
+        ),
         # C = 29 split as shard_slice does: 10 + 10 + 9
         "ce_29_tensor_split": _ce_case(
             gen, f64, [shard_slice(29, r, 3).stop - shard_slice(29, r, 3).start for r in range(3)], 10

@@ -68,7 +68,8 @@ class Moments(NamedTuple):
 
 
 def local_moments(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Moments:
-    """x: (N, C) or (N, C, L), reduced over `dims` in `dtype`. Zero rows give count 0, mean 0, M2 0.
+    """x: (N, C, *) (SyncBatchNorm passes (M, C) or (N, C, L)), reduced over `dims`, every dim but 1, in
+    `dtype`. Zero rows give count 0, mean 0, M2 0.
 
     Two passes (mean, then squared deviations), as single-process BatchNorm computes them.
     """

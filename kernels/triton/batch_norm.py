@@ -1,26 +1,46 @@
-"""Triton BatchNorm: training/eval forward and backward with a fused activation, then their launchers.
+"""Triton BatchNorm: training/eval forward and backward with a fused residual add and activation, then
+their launchers.
 
-Layout: the input is viewed through its strides as x: (N, C, L), an (N, C) input being L = 1.
-Statistics are per feature c over N and L: n = N * L values each, accumulated in fp32. Tiles are
-[BLOCK_N, BLOCK_C, BLOCK_L]; for (N, C) the tile is [BLOCK_N, BLOCK_C, 1] and reads BLOCK_C
-contiguous values of each row, for (N, C, L) it reads BLOCK_L contiguous values.
+Layout: the launchers take the input as `fused_ops.batch_norm` flattens it, (M, C) rows (2-D input and
+channels_last / channels_last_3d input, channels innermost) or (N, C, L) (3-D input and every other
+layout, L = H * W usually unit-stride), and view it through its strides as x: (N, C, L), an (N, C)
+input being L = 1. Statistics are per channel c over N and L: n = N * L values each, accumulated in
+fp32. Tiles are [BLOCK_N, BLOCK_C, BLOCK_L]: for rows the tile is [BLOCK_N, BLOCK_C, 1] and reads
+BLOCK_C contiguous channels of each row (channels_last), for (N, C, L) it reads BLOCK_L contiguous
+values of each (n, c) plane (NCHW).
+
+The op: y = act(u), u = gamma * (x - mean) * invstd + beta (+ residual); act None, relu, tanh or silu.
 
 Two regimes, picked by `launch_settings`:
   on chip  the whole column block [N, BLOCK_C, L] fits in one program's registers.
            training forward: 1 launch (read x once, write y once);
            backward: 1 launch (read x and dy once, write dx once).
-  split    larger N: the batch is split into S row ranges.
+  split    larger N * L (every ResNet shape): the batch is split into S row ranges, S chosen so that
+           the partial kernels run about SPLIT_PROGRAMS programs in all.
            forward: partial (mean, M2) per split into an fp32 workspace, a combine that merges the S
            partials in a fixed order (deterministic: no atomics), then the normalising pass;
            backward: partial sum(g), sum(g * xhat), a fixed-order combine, then the dx pass.
-Eval forward is elementwise: one launch of the normalising kernel in either regime.
+Eval forward is elementwise, one launch of the normalising kernel in either regime, with the running
+statistics folded into one scale and shift per channel: y = act(x * scale + shift (+ residual)),
+scale = gamma * invstd, shift = beta - mean * scale.
+
+Byte model (b bytes per element, per call; the (C,) vectors are negligible):
+    training forward   on chip: read x, write y = 2 passes (+1 read of the residual)
+                       split: read x twice, write y = 3 passes; 2 when x fits in L2 and its second
+                       read hits there (+1 read of the residual)
+    eval forward       read x, write y = 2 passes (+1 read of the residual)
+    backward           on chip: read x, dy, write dx = 3 passes (+1 read of y for relu/tanh, of the
+                       residual for silu; +1 write of dresidual with an activation)
+                       split: x and dy (and y / residual) read twice = 5 passes, 3 when they fit in L2
+The bench (`bench/cnn.py`) states which model each row is measured against.
 
 Kernels take fp32 weight, bias and running stats (the launchers convert others and copy running
-stats back); x, y, dy and dx are fp32, fp16 or bf16. Closed forms as in `fused_ops.batch_norm`:
-    y  = act(gamma * (x - mean) * invstd + beta)
+stats back); x, residual, y, dy, dx and dresidual are fp32, fp16 or bf16. Closed forms as in
+`fused_ops.batch_norm`:
     dx = gamma * invstd * (g - sum(g)/n - xhat * sum(g * xhat) * k/n)   training; k = n/(n-1) if unbiased
     dx = g * gamma * invstd                                             eval
-with g = dy * act'(.) read from the saved output y.
+    dresidual = g = dy * act'(u), act' read from the saved output y (relu, tanh) or from u recomputed
+    from x and the residual (silu, not invertible from its output).
 
 torch.compile traces the launchers and sees these kernels as user-defined Triton kernels (see
 `fused_ops.kernels.triton.cross_entropy` for why no custom op). Block sizes depend on N only through its
@@ -36,9 +56,10 @@ import triton
 import triton.language as tl
 from fused_ops.kernels.triton.spec import KernelSpec
 
-ACTIVATION_CODES = {None: 0, "tanh": 1, "relu": 2}
-_TANH = tl.constexpr(1)
-_RELU = tl.constexpr(2)
+ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2, "silu": 3}
+_RELU = tl.constexpr(1)
+_TANH = tl.constexpr(2)
+_SILU = tl.constexpr(3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,6 +78,15 @@ def _load_tile(T_ptr, n, c, l, stride_n, stride_c, stride_l, mask):
     """The [n, c, l] tile of T as fp32, 0 where masked."""
     values = tl.load(T_ptr + _tile_offsets(n, c, l, stride_n, stride_c, stride_l), mask=mask, other=0.0)
     return values.to(tl.float32)
+
+
+@triton.jit
+def _load_optional_tile(T_ptr, n, c, l, stride_n, stride_c, stride_l, mask):
+    """The tile of T, or 0.0 when T is None (a specialisation: nothing is loaded)."""
+    values = 0.0
+    if T_ptr is not None:
+        values = _load_tile(T_ptr, n, c, l, stride_n, stride_c, stride_l, mask)
+    return values
 
 
 @triton.jit
@@ -101,27 +131,37 @@ def _tanh(u):
 
 
 @triton.jit
+def _sigmoid(u):
+    return 1.0 / (1.0 + tl.exp(-u))  # exp(-u) = inf for u << 0 gives 0, as it should
+
+
+@triton.jit
 def _activate(u, ACTIVATION: tl.constexpr):
-    if ACTIVATION == _TANH:
-        u = _tanh(u)
-    elif ACTIVATION == _RELU:
+    if ACTIVATION == _RELU:
         u = tl.where(u < 0.0, 0.0, u)  # relu; keeps NaN as torch.relu does
+    elif ACTIVATION == _TANH:
+        u = _tanh(u)
+    elif ACTIVATION == _SILU:
+        u = u * _sigmoid(u)
     return u
 
 
 @triton.jit
-def _activation_grad(dy, y, ACTIVATION: tl.constexpr):
-    """g = dy * act'(u), from the saved output y = act(u)."""
-    if ACTIVATION == _TANH:
-        dy = dy * (1.0 - y * y)  # d tanh(u)/du = 1 - tanh(u)^2 = 1 - y^2
-    elif ACTIVATION == _RELU:
+def _activation_grad(dy, y, u, ACTIVATION: tl.constexpr):
+    """g = dy * act'(u): from the saved output y = act(u) (relu, tanh) or from u itself (silu)."""
+    if ACTIVATION == _RELU:
         dy = tl.where(y > 0.0, dy, 0.0)  # y = max(u, 0)
+    elif ACTIVATION == _TANH:
+        dy = dy * (1.0 - y * y)  # d tanh(u)/du = 1 - tanh(u)^2 = 1 - y^2
+    elif ACTIVATION == _SILU:
+        s = _sigmoid(u)
+        dy = dy * s * (1.0 + u * (1.0 - s))  # d (u * s)/du
     return dy
 
 
 @triton.jit
 def _scale_shift(W_ptr, B_ptr, c, C, invstd):
-    """Per-feature scale = gamma * invstd and shift = beta (gamma = 1, beta = 0 when absent)."""
+    """Per-channel scale = gamma * invstd and shift = beta (gamma = 1, beta = 0 when absent)."""
     c_mask = c < C
     scale = invstd
     if W_ptr is not None:
@@ -146,6 +186,15 @@ def _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentu
 
 
 @triton.jit
+def _grad_at_u(dy, y, x, res, mean, scale, shift, ACTIVATION: tl.constexpr):
+    """g = dy * act'(u); for silu u = (x - mean) * scale + shift + res is recomputed (y is unused)."""
+    u = 0.0
+    if ACTIVATION == _SILU:
+        u = (x - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift) + res
+    return _activation_grad(dy, y, u, ACTIVATION)
+
+
+@triton.jit
 def _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING: tl.constexpr):
     if TRAINING:
         # dx = gamma*invstd * (g - sum(g)/n - xhat * sum(g*xhat) * k/n)
@@ -163,6 +212,7 @@ def _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING: tl.constex
 def batch_norm_fwd_kernel(
     # pointers
     X_ptr, Y_ptr,  # (N, C, L)
+    Res_ptr,  # (N, C, L) residual added before the activation, or None
     W_ptr, B_ptr,  # (C,) fp32 or None
     Mean_ptr, Invstd_ptr,  # (C,) fp32 outputs, saved for backward
     RunningMean_ptr, RunningVar_ptr,  # (C,) fp32 updated in place, or None
@@ -170,6 +220,7 @@ def batch_norm_fwd_kernel(
     # strides
     stride_xn, stride_xc, stride_xl,
     stride_yn, stride_yc, stride_yl,
+    stride_rn, stride_rc, stride_rl,
     # sizes and scalars
     N, C, L,
     momentum, eps,
@@ -198,24 +249,29 @@ def batch_norm_fwd_kernel(
     var_unbiased = var * running_var_scale
     _update_running_stats(RunningMean_ptr, RunningVar_ptr, Momentum_ptr, momentum, c, C, mean, var_unbiased)
     scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
-    y = _activate(xc * _per_channel(scale) + _per_channel(shift), ACTIVATION)
-    _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, y, mask)
+    u = xc * _per_channel(scale) + _per_channel(shift)
+    u += _load_optional_tile(Res_ptr, n, c, l, stride_rn, stride_rc, stride_rl, mask)
+    _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, _activate(u, ACTIVATION), mask)
 
 
 @triton.jit
 def batch_norm_bwd_kernel(
     # pointers
     DY_ptr, X_ptr,  # (N, C, L)
-    Y_ptr,  # (N, C, L) saved output, read for the activation's derivative; None without activation
-    W_ptr,  # (C,) fp32 or None
+    Y_ptr,  # (N, C, L) saved output, read for relu/tanh's derivative; else None
+    Res_ptr,  # (N, C, L) residual, read to recompute u for silu; else None
+    W_ptr, B_ptr,  # (C,) fp32 or None; B_ptr only for silu
     Mean_ptr, Invstd_ptr,  # (C,) fp32 saved by the forward
     DX_ptr,  # (N, C, L) output
+    DRes_ptr,  # (N, C, L) output g, the residual's gradient, or None
     SumG_ptr, SumGXhat_ptr,  # (C,) fp32 outputs: sum(g) = dbeta, sum(g * xhat) = dgamma
     # strides
     stride_dyn, stride_dyc, stride_dyl,
     stride_xn, stride_xc, stride_xl,
     stride_yn, stride_yc, stride_yl,
+    stride_rn, stride_rc, stride_rl,
     stride_dxn, stride_dxc, stride_dxl,
+    stride_drn, stride_drc, stride_drl,
     # sizes and scalars
     N, C, L,
     inv_n,  # 1 / (N * L)
@@ -229,20 +285,21 @@ def batch_norm_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     l = tl.arange(0, BLOCK_L)
     mask = _tile_mask(n, c, l, N, C, L)
-    dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
-    y = 0.0
-    if Y_ptr is not None:
-        y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
-    g = _activation_grad(dy, y, ACTIVATION)  # 0 on padding
-    x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
     mean = tl.load(Mean_ptr + c, mask=c < C, other=0.0)
     invstd = tl.load(Invstd_ptr + c, mask=c < C, other=0.0)
+    scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
+    dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
+    y = _load_optional_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+    res = _load_optional_tile(Res_ptr, n, c, l, stride_rn, stride_rc, stride_rl, mask)
+    x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+    g = tl.where(mask, _grad_at_u(dy, y, x, res, mean, scale, shift, ACTIVATION), 0.0)
+    if DRes_ptr is not None:
+        _store_tile(DRes_ptr, n, c, l, stride_drn, stride_drc, stride_drl, g, mask)
     xhat = (x - _per_channel(mean)) * _per_channel(invstd)
     sum_g = _channel_sum(g)
     sum_g_xhat = _channel_sum(g * xhat)
     tl.store(SumG_ptr + c, sum_g, mask=c < C)
     tl.store(SumGXhat_ptr + c, sum_g_xhat, mask=c < C)
-    scale, _ = _scale_shift(W_ptr, None, c, C, invstd)
     dx = _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING)
     _store_tile(DX_ptr, n, c, l, stride_dxn, stride_dxc, stride_dxl, dx, mask)
 
@@ -311,7 +368,7 @@ def batch_norm_fwd_combine_kernel(
     # constexprs
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge each feature's S partials in split order: mean, invstd, running stats.
+    """Merge each channel's S partials in split order: mean, invstd, running stats.
 
     Grid: (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -351,6 +408,7 @@ def batch_norm_fwd_combine_kernel(
 def batch_norm_fwd_apply_kernel(
     # pointers
     X_ptr, Y_ptr,  # (N, C, L)
+    Res_ptr,  # (N, C, L) residual added before the activation, or None
     W_ptr, B_ptr,  # (C,) fp32 or None
     Mean_ptr, Invstd_ptr,  # (C,) fp32: invstd read in training; both written (by block row 0) in eval
     ShiftedMean_ptr,  # (C,) fp32 mean - x[0, c, 0] in training, or None
@@ -358,57 +416,66 @@ def batch_norm_fwd_apply_kernel(
     # strides
     stride_xn, stride_xc, stride_xl,
     stride_yn, stride_yc, stride_yl,
+    stride_rn, stride_rc, stride_rl,
     # sizes and scalars
     N, C, L, eps,
     # constexprs
     USE_RUNNING_STATS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """y = act(gamma * (x - mean) * invstd + beta) on rows [pid_n * BLOCK_N, ...).
+    """y = act(gamma * (x - mean) * invstd + beta + residual) on rows [pid_n * BLOCK_N, ...).
 
     Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C)).
 
     Training (split regime): invstd and the shifted mean come from the combine kernel, and
     x - mean = (x - x[0, c, 0]) - shifted mean stays accurate when |mean| >> std. Eval
-    (USE_RUNNING_STATS): mean = running_mean, invstd = 1 / sqrt(running_var + eps), saved for the
-    backward by block row 0.
+    (USE_RUNNING_STATS): elementwise with the running stats folded, y = act(x * scale + shift + res),
+    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale; block row 0 saves
+    mean and invstd for the backward.
     """
     pid_n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     if USE_RUNNING_STATS:
-        pivot = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.load(RunningMean_ptr + c, mask=c_mask, other=0.0)
         invstd = tl.rsqrt(tl.load(RunningVar_ptr + c, mask=c_mask, other=1.0) + eps)
-        tl.store(Mean_ptr + c, mean, mask=c_mask & (pid_n == 0))
-        tl.store(Invstd_ptr + c, invstd, mask=c_mask & (pid_n == 0))
+        if pid_n == 0:  # a scalar branch: every triton accepts it (a mask `c_mask & (pid_n == 0)` not)
+            tl.store(Mean_ptr + c, mean, mask=c_mask)
+            tl.store(Invstd_ptr + c, invstd, mask=c_mask)
+        scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
+        shift -= mean * scale  # folded: x * scale + shift = (x - mean) * scale + beta
     else:
-        pivot = _pivot(X_ptr, c, C, stride_xc)
+        offset = _pivot(X_ptr, c, C, stride_xc)
         mean = tl.load(ShiftedMean_ptr + c, mask=c_mask, other=0.0)
         invstd = tl.load(Invstd_ptr + c, mask=c_mask, other=0.0)
-    scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
+        scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     for l0 in range(0, L, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         mask = _tile_mask(n, c, l, N, C, L)
         x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
-        xc = x - _per_channel(pivot) - _per_channel(mean)
-        u = xc * _per_channel(scale) + _per_channel(shift)
-        y = _activate(u, ACTIVATION)
-        _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, y, mask)
+        if USE_RUNNING_STATS:
+            u = x * _per_channel(scale) + _per_channel(shift)
+        else:
+            u = (x - _per_channel(offset) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+        u += _load_optional_tile(Res_ptr, n, c, l, stride_rn, stride_rc, stride_rl, mask)
+        _store_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, _activate(u, ACTIVATION), mask)
 
 
 @triton.jit
 def batch_norm_bwd_partial_kernel(
     # pointers
     DY_ptr, X_ptr,  # (N, C, L)
-    Y_ptr,  # (N, C, L) saved output with an activation, else None
+    Y_ptr,  # (N, C, L) saved output for relu/tanh, else None
+    Res_ptr,  # (N, C, L) residual for silu, else None
+    W_ptr, B_ptr,  # (C,) fp32 or None: read for silu only (u), else None
     Mean_ptr, Invstd_ptr,  # (C,) fp32 saved by the forward
     Partial_ptr,  # (2, S, C) fp32 output: sum(g) and sum(g * xhat) of each split
     # strides
     stride_dyn, stride_dyc, stride_dyl,
     stride_xn, stride_xc, stride_xl,
     stride_yn, stride_yc, stride_yl,
+    stride_rn, stride_rc, stride_rl,
     # sizes
     N, C, L, rows_per_split,
     # constexprs
@@ -422,6 +489,7 @@ def batch_norm_bwd_partial_kernel(
     n_end = tl.minimum(n_start + rows_per_split, N)
     mean = tl.load(Mean_ptr + c, mask=c < C, other=0.0)
     invstd = tl.load(Invstd_ptr + c, mask=c < C, other=0.0)
+    scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
     sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_g_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -430,11 +498,10 @@ def batch_norm_bwd_partial_kernel(
             l = l0 + tl.arange(0, BLOCK_L)
             mask = _tile_mask(n, c, l, n_end, C, L)
             dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
-            y = 0.0
-            if Y_ptr is not None:
-                y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
-            g = _activation_grad(dy, y, ACTIVATION)
+            y = _load_optional_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+            res = _load_optional_tile(Res_ptr, n, c, l, stride_rn, stride_rc, stride_rl, mask)
             x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+            g = tl.where(mask, _grad_at_u(dy, y, x, res, mean, scale, shift, ACTIVATION), 0.0)
             xhat = (x - _per_channel(mean)) * _per_channel(invstd)
             sum_g += _channel_sum(g)
             sum_g_xhat += _channel_sum(g * xhat)
@@ -454,7 +521,7 @@ def batch_norm_bwd_combine_kernel(
     # constexprs
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Sum the S partials of each feature in split order (deterministic). Grid: (cdiv(C, BLOCK_C),)."""
+    """Sum the S partials of each channel in split order (deterministic). Grid: (cdiv(C, BLOCK_C),)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_g_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -473,22 +540,28 @@ def batch_norm_bwd_combine_kernel(
 def batch_norm_bwd_apply_kernel(
     # pointers
     DY_ptr, X_ptr,  # (N, C, L)
-    Y_ptr,  # (N, C, L) saved output with an activation, else None
-    W_ptr,  # (C,) fp32 or None
+    Y_ptr,  # (N, C, L) saved output for relu/tanh, else None
+    Res_ptr,  # (N, C, L) residual for silu, else None
+    W_ptr, B_ptr,  # (C,) fp32 or None; B_ptr only for silu
     Mean_ptr, Invstd_ptr, SumG_ptr, SumGXhat_ptr,  # (C,) fp32
     DX_ptr,  # (N, C, L) output
+    DRes_ptr,  # (N, C, L) output g, the residual's gradient, or None
     # strides
     stride_dyn, stride_dyc, stride_dyl,
     stride_xn, stride_xc, stride_xl,
     stride_yn, stride_yc, stride_yl,
+    stride_rn, stride_rc, stride_rl,
     stride_dxn, stride_dxc, stride_dxl,
+    stride_drn, stride_drc, stride_drl,
     # sizes and scalars
     N, C, L, inv_n, k_over_n,  # as in batch_norm_bwd_kernel
     # constexprs
     TRAINING: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """dx in closed form on rows [pid_n * BLOCK_N, ...). Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C))."""
+    """dx (and the residual's gradient) in closed form on rows [pid_n * BLOCK_N, ...).
+
+    Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C))."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -496,16 +569,17 @@ def batch_norm_bwd_apply_kernel(
     invstd = tl.load(Invstd_ptr + c, mask=c_mask, other=0.0)
     sum_g = tl.load(SumG_ptr + c, mask=c_mask, other=0.0)
     sum_g_xhat = tl.load(SumGXhat_ptr + c, mask=c_mask, other=0.0)
-    scale, _ = _scale_shift(W_ptr, None, c, C, invstd)
+    scale, shift = _scale_shift(W_ptr, B_ptr, c, C, invstd)
     for l0 in range(0, L, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         mask = _tile_mask(n, c, l, N, C, L)
         dy = _load_tile(DY_ptr, n, c, l, stride_dyn, stride_dyc, stride_dyl, mask)
-        y = 0.0
-        if Y_ptr is not None:
-            y = _load_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
-        g = _activation_grad(dy, y, ACTIVATION)
+        y = _load_optional_tile(Y_ptr, n, c, l, stride_yn, stride_yc, stride_yl, mask)
+        res = _load_optional_tile(Res_ptr, n, c, l, stride_rn, stride_rc, stride_rl, mask)
         x = _load_tile(X_ptr, n, c, l, stride_xn, stride_xc, stride_xl, mask)
+        g = _grad_at_u(dy, y, x, res, mean, scale, shift, ACTIVATION)
+        if DRes_ptr is not None:
+            _store_tile(DRes_ptr, n, c, l, stride_drn, stride_drc, stride_drl, g, mask)
         xhat = (x - _per_channel(mean)) * _per_channel(invstd)
         dx = _dx(g, xhat, scale, sum_g, sum_g_xhat, inv_n, k_over_n, TRAINING)
         _store_tile(DX_ptr, n, c, l, stride_dxn, stride_dxc, stride_dxl, dx, mask)
@@ -519,10 +593,13 @@ SPLIT_TILE = 4096  # elements of one split-regime tile: 8 per thread at 16 warps
 ELEMENTS_PER_THREAD = 8  # per tensor, until 16 warps; more than that spills in the backward (sm_80, fp16)
 MAX_WARPS = 16
 MAX_BLOCK_C = 128  # wider column blocks leave too few programs for small N
-SPLIT_BLOCK_C = 64  # 256 contiguous bytes of an fp32 (N, C) row per tile row
+SPLIT_BLOCK_C = 64  # 256 contiguous bytes of an fp32 channels_last row per tile row
 MIN_BLOCK_C = 8  # an (N, C) tile row covers at least 32 bytes (one sector) of fp32
-TILES_PER_SPLIT = 4  # tiles each split-regime partial program reduces
-COMBINE_BLOCK_S, COMBINE_BLOCK_C = 32, 64
+# The split regime's partial kernels run about this many programs in all (a few waves on a 132-SM
+# GPU): enough to stream at full bandwidth, few enough that the fixed-order combine stays short.
+SPLIT_PROGRAMS = 1024
+COMBINE_BLOCK_S, COMBINE_BLOCK_C = 128, 32  # partials merged per step: [128, 32] tiles, 8 warps
+COMBINE_WARPS = 8
 MAX_GRID_DIM1 = 65535  # CUDA's limit on grid dimension y
 
 
@@ -561,13 +638,14 @@ def _next_power_of_2(n: int, cap: int) -> int:
 
 
 def launch_settings(N: int, C: int, L: int, max_tile: int = MAX_TILE) -> LaunchSettings:
-    """Deterministic launch settings for an (N, C, L) input ((N, C) is L = 1).
+    """Deterministic launch settings for an (N, C, L) input ((N, C) and (M, C) rows are L = 1).
 
-    On chip when a column block of at least MIN_BLOCK_C features ((N, C)) or one feature ((N, C, L))
+    On chip when a column block of at least MIN_BLOCK_C channels ((N, C)) or one channel ((N, C, L))
     fits in `max_tile` elements: BLOCK_N = next_pow2(N), BLOCK_L = next_pow2(L), and BLOCK_C as wide
     as the tile allows, up to MAX_BLOCK_C. Otherwise split: tiles of at most min(SPLIT_TILE, max_tile)
     elements filled along L first (contiguous in (N, C, L)), then C up to SPLIT_BLOCK_C (contiguous in
-    (N, C)), then N; each partial program reduces TILES_PER_SPLIT tiles' worth of rows.
+    (M, C) rows), then N. Each partial program reduces a run of whole tile rows, as many as leave
+    about SPLIT_PROGRAMS partial programs over the column blocks.
     `max_tile` is a parameter so tests can force the split regime on small inputs.
     """
     if max_tile < MIN_BLOCK_C or max_tile & (max_tile - 1):
@@ -584,8 +662,9 @@ def launch_settings(N: int, C: int, L: int, max_tile: int = MAX_TILE) -> LaunchS
     block_c = min(_next_power_of_2(C, SPLIT_BLOCK_C), split_tile // block_l)
     block_n = min(block_n, split_tile // (block_l * block_c))
     tile = Tile(block_n, block_c, block_l, _num_warps(block_n * block_c * block_l))
-    tiles_per_row = triton.cdiv(L, block_l)
-    rows_per_split = block_n * max(1, TILES_PER_SPLIT // tiles_per_row)
+    splits_wanted = max(1, SPLIT_PROGRAMS // triton.cdiv(C, block_c))
+    tile_rows = triton.cdiv(N, block_n)
+    rows_per_split = block_n * triton.cdiv(tile_rows, splits_wanted)
     return _checked(LaunchSettings(False, tile, rows_per_split, triton.cdiv(N, rows_per_split)), C)
 
 
@@ -613,9 +692,13 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
-def _strides(prefix: str, t: torch.Tensor) -> dict[str, int]:
-    """Keyword arguments stride_<prefix>n, _c, _l of a 3-D view."""
-    return {f"stride_{prefix}{axis}": t.stride(dim) for dim, axis in enumerate("ncl")}
+def _strides(prefix: str, t: torch.Tensor | None) -> dict[str, int]:
+    """Keyword arguments stride_<prefix>n, _c, _l of a 3-D view (0 for an absent tensor)."""
+    return {f"stride_{prefix}{axis}": 0 if t is None else t.stride(dim) for dim, axis in enumerate("ncl")}
+
+
+def _optional_3d(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _as_3d(t)
 
 
 def batch_norm_forward(
@@ -624,15 +707,17 @@ def batch_norm_forward(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    *,
     momentum: float | torch.Tensor,
     eps: float,
     training: bool,
     unbiased: bool,
     activation: str | None,
-    *,
     max_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (N, C) or (N, C, L) -> (y like x, mean (C,) fp32, invstd (C,) fp32); updates running stats in place.
+    """x, residual: (M, C) or (N, C, L) -> (y contiguous like x, mean (C,) fp32, invstd (C,) fp32);
+    updates running stats in place in training.
 
     Same contract as `fused_ops.batch_norm.forward_torch` (arguments already checked there).
     max_tile: see `launch_settings` (default MAX_TILE); a small value forces the split regime.
@@ -645,20 +730,21 @@ def batch_norm_forward(
     count = N * L
     if x.numel() == 0:  # as PyTorch: empty output, running stats untouched
         return y, mean.zero_(), invstd.zero_()
-    x3, y3 = _as_3d(x), _as_3d(y)
+    x3, y3, res3 = _as_3d(x), _as_3d(y), _optional_3d(residual)
     weight, bias = _fp32(weight), _fp32(bias)
     running_mean32, running_var32 = _fp32(running_mean), _fp32(running_var)
     settings = launch_settings(N, C, L, MAX_TILE if max_tile is None else max_tile)
     tile = settings.tile
     blocks = {"BLOCK_N": tile.block_n, "BLOCK_C": tile.block_c, "BLOCK_L": tile.block_l}
     code = ACTIVATION_CODES[activation]
+    tensors = {"X_ptr": x3, "Y_ptr": y3, "Res_ptr": res3, "W_ptr": weight, "B_ptr": bias}
+    strides = {**_strides("x", x3), **_strides("y", y3), **_strides("r", res3)}
+    apply_grid = (triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))
 
     if not training:
-        grid = (triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))
-        batch_norm_fwd_apply_kernel[grid](
-            X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, Mean_ptr=mean, Invstd_ptr=invstd,
-            ShiftedMean_ptr=None, RunningMean_ptr=running_mean32, RunningVar_ptr=running_var32,
-            **_strides("x", x3), **_strides("y", y3), N=N, C=C, L=L, eps=eps,
+        batch_norm_fwd_apply_kernel[apply_grid](
+            **tensors, Mean_ptr=mean, Invstd_ptr=invstd, ShiftedMean_ptr=None,
+            RunningMean_ptr=running_mean32, RunningVar_ptr=running_var32, **strides, N=N, C=C, L=L, eps=eps,
             USE_RUNNING_STATS=True, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
         return y, mean, invstd
@@ -681,9 +767,7 @@ def batch_norm_forward(
     }
     if settings.on_chip:
         batch_norm_fwd_kernel[(triton.cdiv(C, tile.block_c),)](
-            X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, **stats,
-            **_strides("x", x3), **_strides("y", y3), N=N, C=C, L=L,
-            ACTIVATION=code, **blocks, num_warps=tile.num_warps,
+            **tensors, **stats, **strides, N=N, C=C, L=L, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
     else:
         partial = torch.empty((2, settings.num_splits, C), dtype=torch.float32, device=x.device)
@@ -695,12 +779,11 @@ def batch_norm_forward(
         batch_norm_fwd_combine_kernel[(triton.cdiv(C, COMBINE_BLOCK_C),)](
             Partial_ptr=partial, X_ptr=x3, ShiftedMean_ptr=shifted_mean, **stats, stride_xc=x3.stride(1),
             N=N, C=C, L=L, num_splits=settings.num_splits, rows_per_split=settings.rows_per_split,
-            BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4,
+            BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS,
         )
-        batch_norm_fwd_apply_kernel[(triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))](
-            X_ptr=x3, Y_ptr=y3, W_ptr=weight, B_ptr=bias, Mean_ptr=mean, Invstd_ptr=invstd,
-            ShiftedMean_ptr=shifted_mean, RunningMean_ptr=None, RunningVar_ptr=None,
-            **_strides("x", x3), **_strides("y", y3), N=N, C=C, L=L, eps=eps,
+        batch_norm_fwd_apply_kernel[apply_grid](
+            **tensors, Mean_ptr=mean, Invstd_ptr=invstd, ShiftedMean_ptr=shifted_mean,
+            RunningMean_ptr=None, RunningVar_ptr=None, **strides, N=N, C=C, L=L, eps=eps,
             USE_RUNNING_STATS=False, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
     if running_mean is not None and running_mean32 is not running_mean:  # non-fp32 running stats
@@ -713,84 +796,96 @@ def batch_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor | None,
+    residual: torch.Tensor | None,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
+    *,
     training: bool,
     unbiased: bool,
     activation: str | None,
-    *,
+    residual_grad: bool,
     max_tile: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x (and y with an activation): (N, C) or (N, C, L) -> (dx like x, dgamma, dbeta: (C,) fp32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dy, x: (M, C) or (N, C, L) -> (dx contiguous like x, dgamma, dbeta: (C,) fp32, dresidual or None).
 
-    Same contract as `fused_ops.batch_norm.backward_torch`; mean and invstd are the forward's.
-    max_tile: as in `batch_norm_forward`.
+    Same contract as `fused_ops.batch_norm.backward_torch`: y given for relu/tanh, residual (and bias)
+    used for silu; mean and invstd are the forward's. max_tile: as in `batch_norm_forward`.
     """
     N, C = x.shape[0], x.shape[1]
     L = x.shape[2] if x.ndim == 3 else 1
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dresidual = None
+    if residual_grad:  # g: dy itself without an activation, written by the kernels with one
+        dresidual = dy if activation is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     sum_g = torch.empty(C, dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty(C, dtype=torch.float32, device=x.device)
     count = N * L
     if x.numel() == 0:  # empty batch: empty dx, zero dgamma and dbeta (as PyTorch)
-        return dx, sum_g_xhat.zero_(), sum_g.zero_()
+        return dx, sum_g_xhat.zero_(), sum_g.zero_(), dresidual
+    silu = activation == "silu"
     x3, dy3, dx3 = _as_3d(x), _as_3d(dy), _as_3d(dx)
-    y3 = _as_3d(y) if activation is not None else None
-    y_strides = _strides("y", y3) if y3 is not None else {"stride_yn": 0, "stride_yc": 0, "stride_yl": 0}
-    weight = _fp32(weight)
+    y3 = _as_3d(y) if activation in ("relu", "tanh") else None
+    res3 = _as_3d(residual) if silu and residual is not None else None
+    dres3 = _as_3d(dresidual) if residual_grad and activation is not None else None
+    weight, bias = _fp32(weight), _fp32(bias) if silu else None
     settings = launch_settings(N, C, L, MAX_TILE if max_tile is None else max_tile)
     tile = settings.tile
     blocks = {"BLOCK_N": tile.block_n, "BLOCK_C": tile.block_c, "BLOCK_L": tile.block_l}
     code = ACTIVATION_CODES[activation]
     coefficients = {"inv_n": 1.0 / count, "k_over_n": (1.0 / (count - 1) if unbiased else 1.0 / count)}
+    inputs = {"DY_ptr": dy3, "X_ptr": x3, "Y_ptr": y3, "Res_ptr": res3, "W_ptr": weight, "B_ptr": bias}
+    input_strides = {**_strides("dy", dy3), **_strides("x", x3), **_strides("y", y3), **_strides("r", res3)}
+    outputs = {"DX_ptr": dx3, "DRes_ptr": dres3, **_strides("dx", dx3), **_strides("dr", dres3)}
 
     if settings.on_chip:
         batch_norm_bwd_kernel[(triton.cdiv(C, tile.block_c),)](
-            DY_ptr=dy3, X_ptr=x3, Y_ptr=y3, W_ptr=weight, Mean_ptr=mean, Invstd_ptr=invstd,
-            DX_ptr=dx3, SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat,
-            **_strides("dy", dy3), **_strides("x", x3), **y_strides, **_strides("dx", dx3),
-            N=N, C=C, L=L, **coefficients,
+            **inputs, Mean_ptr=mean, Invstd_ptr=invstd, SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat, **outputs,
+            **input_strides, N=N, C=C, L=L, **coefficients,
             TRAINING=training, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
         )
-        return dx, sum_g_xhat, sum_g
+        return dx, sum_g_xhat, sum_g, dresidual
     partial = torch.empty((2, settings.num_splits, C), dtype=torch.float32, device=x.device)
     batch_norm_bwd_partial_kernel[(settings.num_splits, triton.cdiv(C, tile.block_c))](
-        DY_ptr=dy3, X_ptr=x3, Y_ptr=y3, Mean_ptr=mean, Invstd_ptr=invstd, Partial_ptr=partial,
-        **_strides("dy", dy3), **_strides("x", x3), **y_strides,
+        **inputs, Mean_ptr=mean, Invstd_ptr=invstd, Partial_ptr=partial, **input_strides,
         N=N, C=C, L=L, rows_per_split=settings.rows_per_split,
         ACTIVATION=code, **blocks, num_warps=tile.num_warps,
     )
     batch_norm_bwd_combine_kernel[(triton.cdiv(C, COMBINE_BLOCK_C),)](
         Partial_ptr=partial, SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat, C=C, num_splits=settings.num_splits,
-        BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4,
+        BLOCK_S=COMBINE_BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=COMBINE_WARPS,
     )
     batch_norm_bwd_apply_kernel[(triton.cdiv(N, tile.block_n), triton.cdiv(C, tile.block_c))](
-        DY_ptr=dy3, X_ptr=x3, Y_ptr=y3, W_ptr=weight, Mean_ptr=mean, Invstd_ptr=invstd,
-        SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat, DX_ptr=dx3,
-        **_strides("dy", dy3), **_strides("x", x3), **y_strides, **_strides("dx", dx3),
-        N=N, C=C, L=L, **coefficients,
+        **inputs, Mean_ptr=mean, Invstd_ptr=invstd, SumG_ptr=sum_g, SumGXhat_ptr=sum_g_xhat, **outputs,
+        **input_strides, N=N, C=C, L=L, **coefficients,
         TRAINING=training, ACTIVATION=code, **blocks, num_warps=tile.num_warps,
     )
-    return dx, sum_g_xhat, sum_g
+    return dx, sum_g_xhat, sum_g, dresidual
 
 
 # ----------------------------------------------------------------------------------------------------
 # Specialisations for the compile check (tests/compile_kernels.py)
 # ----------------------------------------------------------------------------------------------------
-_IO_TENSORS = ("X_ptr", "Y_ptr", "DY_ptr", "DX_ptr")
+_IO_TENSORS = ("X_ptr", "Y_ptr", "Res_ptr", "DY_ptr", "DX_ptr", "DRes_ptr")
 _INT_ARGS = ("N", "C", "L", "rows_per_split", "num_splits")
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _spec(kernel, dtype: torch.dtype, num_warps: int, three_d: bool = False, hot: bool = True, **constexprs):
     """A KernelSpec for contiguous input as the launcher passes it: unit strides (and L = 1 for (N, C))
-    are constexpr 1, as Triton specialises them; x/y/dy/dx are `dtype`, other pointers fp32."""
+    are constexpr 1, as Triton specialises them; x/y/residual/dy/dx/dresidual are `dtype`, other
+    pointers fp32. A pointer given as None here is an absent tensor (its strides 0, as passed)."""
     names = kernel.arg_names
     unit = {name: 1 for name in names if name.startswith("stride_") and name.endswith("l")}
     if not three_d:
         unit.update({name: 1 for name in names if name.startswith("stride_") and name.endswith("c")})
         unit.update({"L": 1} if "L" in names else {})
+    absent = {name[: -len("_ptr")].lower() for name, value in constexprs.items() if value is None}
+    prefixes = {"res": "r", "dres": "dr", "y": "y"}
+    for name in absent:  # the launcher passes 0 strides for an absent tensor: a constexpr 0 here
+        if name in prefixes:
+            unit.update({f"stride_{prefixes[name]}{axis}": 0 for axis in "ncl"})
     constexprs = {**unit, **constexprs}
 
     def arg_type(name: str) -> str:
@@ -807,64 +902,77 @@ def _spec(kernel, dtype: torch.dtype, num_warps: int, three_d: bool = False, hot
 def specializations() -> Iterator[KernelSpec]:
     """A cover of what the launchers choose, at the largest tile of each regime (most registers).
 
-    Each kernel: every dtype with the heaviest flags (tanh, affine, running stats with a device
-    momentum), then in fp32 each other flag value (relu / none, no affine, no running stats, eval)
-    and an (N, C, L) layout. Block shapes: on chip the tallest ([1024, 8, 1]) and widest
-    ([64, 128, 1]) 8192-element tiles at 16 warps plus an (N, C, L) tile; split tiles of 4096
-    elements at 16 warps, as `launch_settings` picks them.
+    Each kernel: every dtype with the heaviest flags (silu with a residual and its gradient, affine,
+    running stats with a device momentum), then in fp32 each other flag value (relu / tanh / none, no
+    residual, no affine, no running stats, eval) and an (N, C, L) layout. Block shapes: on chip the
+    tallest ([1024, 8, 1]) and widest ([64, 128, 1]) 8192-element tiles at 16 warps plus an (N, C, L)
+    tile; split tiles of 4096 elements at 16 warps, as `launch_settings` picks them: [64, 64, 1] for
+    (M, C) rows (channels_last) and [1, 1, 4096] / [1, 64, 64] for (N, C, L) (NCHW).
     """
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     tall, wide = {"BLOCK_N": 1024, "BLOCK_C": 8, "BLOCK_L": 1}, {"BLOCK_N": 64, "BLOCK_C": 128, "BLOCK_L": 1}
     cube = {"BLOCK_N": 16, "BLOCK_C": 8, "BLOCK_L": 64}  # on chip (16, C, 64)
-    split = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_L": 1}
-    split_3d = {"BLOCK_N": 1, "BLOCK_C": 1, "BLOCK_L": 4096}
-    tanh, relu, none = ACTIVATION_CODES["tanh"], ACTIVATION_CODES["relu"], ACTIVATION_CODES[None]
+    split = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_L": 1}  # (M, C) rows: channels_last
+    split_3d = {"BLOCK_N": 1, "BLOCK_C": 1, "BLOCK_L": 4096}  # NCHW, H * W > 2048
+    split_3d_small = {"BLOCK_N": 1, "BLOCK_C": 64, "BLOCK_L": 64}  # NCHW 7 x 7
+    relu, tanh, silu, none = (ACTIVATION_CODES[a] for a in ("relu", "tanh", "silu", None))
     no_affine = {"W_ptr": None, "B_ptr": None}
     no_running = {"RunningMean_ptr": None, "RunningVar_ptr": None, "Momentum_ptr": None}
+    no_res = {"Res_ptr": None}
     f32 = torch.float32
 
     for dtype in dtypes:
-        yield _spec(batch_norm_fwd_kernel, dtype, 16, ACTIVATION=tanh, **tall)
-    yield _spec(batch_norm_fwd_kernel, f32, 16, ACTIVATION=relu, **wide, **no_affine, **no_running)
-    yield _spec(batch_norm_fwd_kernel, f32, 16, ACTIVATION=none, Momentum_ptr=None, **wide)
+        yield _spec(batch_norm_fwd_kernel, dtype, 16, ACTIVATION=silu, **tall)
+    yield _spec(batch_norm_fwd_kernel, f32, 16, ACTIVATION=relu, **wide, **no_affine, **no_running, **no_res)
+    yield _spec(batch_norm_fwd_kernel, f32, 16, ACTIVATION=none, Momentum_ptr=None, **no_res, **wide)
     yield _spec(batch_norm_fwd_kernel, f32, 16, three_d=True, ACTIVATION=tanh, **cube)
 
-    for dtype in dtypes:
-        yield _spec(batch_norm_bwd_kernel, dtype, 16, TRAINING=True, ACTIVATION=tanh, **tall)
-    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=False, ACTIVATION=relu, **wide)
-    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=True, ACTIVATION=none, Y_ptr=None, W_ptr=None,
-                **wide)
-    yield _spec(batch_norm_bwd_kernel, f32, 16, three_d=True, TRAINING=True, ACTIVATION=tanh, **cube)
+    for dtype in dtypes:  # silu: residual read for u, its gradient written
+        yield _spec(batch_norm_bwd_kernel, dtype, 16, TRAINING=True, ACTIVATION=silu, Y_ptr=None, **tall)
+    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=True, ACTIVATION=tanh, B_ptr=None, **no_res, **tall)
+    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=False, ACTIVATION=relu, B_ptr=None, **no_res, **wide)
+    yield _spec(batch_norm_bwd_kernel, f32, 16, TRAINING=True, ACTIVATION=none, Y_ptr=None, DRes_ptr=None,
+                **no_res, **no_affine, **wide)
+    yield _spec(batch_norm_bwd_kernel, f32, 16, three_d=True, TRAINING=True, ACTIVATION=tanh, B_ptr=None,
+                **no_res, **cube)
 
     for dtype in dtypes:
         yield _spec(batch_norm_fwd_partial_kernel, dtype, 16, **split)
     yield _spec(batch_norm_fwd_partial_kernel, f32, 16, three_d=True, **split_3d)
+    yield _spec(batch_norm_fwd_partial_kernel, f32, 16, three_d=True, **split_3d_small)
 
     combine = {"BLOCK_S": COMBINE_BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
     for dtype in dtypes:  # x is read for its first row only
-        yield _spec(batch_norm_fwd_combine_kernel, dtype, 4, hot=False, **combine)
-    yield _spec(batch_norm_fwd_combine_kernel, f32, 4, hot=False, **combine, **no_running)
+        yield _spec(batch_norm_fwd_combine_kernel, dtype, COMBINE_WARPS, hot=False, **combine)
+    yield _spec(batch_norm_fwd_combine_kernel, f32, COMBINE_WARPS, hot=False, **combine, **no_running)
 
     for dtype in dtypes:
-        yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=False, ACTIVATION=tanh,
+        yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=False, ACTIVATION=silu,
                     RunningMean_ptr=None, RunningVar_ptr=None, **split)
         yield _spec(batch_norm_fwd_apply_kernel, dtype, 16, USE_RUNNING_STATS=True, ACTIVATION=none,
-                    ShiftedMean_ptr=None, **split)
+                    ShiftedMean_ptr=None, **no_res, **split)
     yield _spec(batch_norm_fwd_apply_kernel, f32, 16, USE_RUNNING_STATS=True, ACTIVATION=relu,
                 ShiftedMean_ptr=None, **split, **no_affine)
     yield _spec(batch_norm_fwd_apply_kernel, f32, 16, three_d=True, USE_RUNNING_STATS=True, ACTIVATION=tanh,
                 ShiftedMean_ptr=None, **split_3d)
+    yield _spec(batch_norm_fwd_apply_kernel, f32, 16, three_d=True, USE_RUNNING_STATS=False, ACTIVATION=relu,
+                RunningMean_ptr=None, RunningVar_ptr=None, **split_3d_small)
 
     for dtype in dtypes:
-        yield _spec(batch_norm_bwd_partial_kernel, dtype, 16, ACTIVATION=tanh, **split)
-    yield _spec(batch_norm_bwd_partial_kernel, f32, 16, ACTIVATION=none, Y_ptr=None, **split)
-    yield _spec(batch_norm_bwd_partial_kernel, f32, 16, three_d=True, ACTIVATION=relu, **split_3d)
-
-    yield _spec(batch_norm_bwd_combine_kernel, f32, 4, hot=False, **combine)
-
-    for dtype in dtypes:
-        yield _spec(batch_norm_bwd_apply_kernel, dtype, 16, TRAINING=True, ACTIVATION=tanh, **split)
-    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=False, ACTIVATION=none, Y_ptr=None, **split)
-    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=True, ACTIVATION=relu, W_ptr=None, **split)
-    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, three_d=True, TRAINING=False, ACTIVATION=tanh,
+        yield _spec(batch_norm_bwd_partial_kernel, dtype, 16, ACTIVATION=silu, Y_ptr=None, **split)
+    yield _spec(batch_norm_bwd_partial_kernel, f32, 16, ACTIVATION=none, Y_ptr=None, B_ptr=None, **no_res,
+                **split)
+    yield _spec(batch_norm_bwd_partial_kernel, f32, 16, three_d=True, ACTIVATION=relu, B_ptr=None, **no_res,
                 **split_3d)
+
+    yield _spec(batch_norm_bwd_combine_kernel, f32, COMBINE_WARPS, hot=False, **combine)
+
+    for dtype in dtypes:
+        yield _spec(batch_norm_bwd_apply_kernel, dtype, 16, TRAINING=True, ACTIVATION=silu, Y_ptr=None,
+                    **split)
+    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=False, ACTIVATION=none, Y_ptr=None, B_ptr=None,
+                DRes_ptr=None, **no_res, **split)
+    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, TRAINING=True, ACTIVATION=relu, W_ptr=None, B_ptr=None,
+                **no_res, **split)
+    yield _spec(batch_norm_bwd_apply_kernel, f32, 16, three_d=True, TRAINING=False, ACTIVATION=tanh,
+                B_ptr=None, **no_res, **split_3d)
