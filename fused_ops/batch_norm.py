@@ -445,34 +445,44 @@ def forward_torch(
     place with the unbiased variance: running = (1 - momentum) * running + momentum * batch.
     Eval normalises with the running stats. Both apply the statistics folded into one scale and shift
     per channel, y = act(x * gamma * invstd + (beta - mean * gamma * invstd) + residual), as torch's
-    CPU kernel does (one pass over x instead of two).
+    CPU kernel does (one pass over x instead of two); training on fp16/bf16 input applies them to
+    x - mean, which it holds anyway.
 
     Training takes the batch variance in two passes, the mean and then the mean square of x - mean
     (accurate when |mean| >> std), squaring x - mean in place in the output's buffer, which then
-    receives y: one N x C allocation in all (fp32 input).
+    receives y: one N x C allocation in all. fp16/bf16 input is converted once into that buffer, which
+    then holds x - mean for the affine (a conversion costs as much as a fresh buffer's page faults).
     """
     stat = stat_dtype(x.dtype)
     num_features, count = x.shape[1], _count(x)
     if count == 0:  # as PyTorch: empty output, zero statistics, running stats untouched
         mean = torch.zeros(num_features, dtype=stat, device=x.device)
         return torch.empty(x.shape, dtype=x.dtype, device=x.device), mean, torch.zeros_like(mean)
-    out = None
+    out = centered = None
     if not training:
         mean = _to(running_mean, stat)
         invstd = torch.rsqrt(_to(running_var, stat) + eps)
     else:
         dims = _reduce_dims(x.ndim)
-        mean = x.mean(dims, dtype=stat)
-        out = _centered(x, mean)  # x - mean: the N x C buffer
-        var = out.square_().mean(dims)  # biased: sum((x - mean)^2) / n, squared in place
+        if x.dtype == stat:
+            mean = x.mean(dims)
+            out = _centered(x, mean)  # x - mean: the N x C buffer
+            var = out.square_().mean(dims)  # biased: sum((x - mean)^2) / n, squared in place
+        else:  # fp16/bf16: converted once into the buffer, which stays x - mean for an unfolded affine
+            centered = x.to(stat)
+            mean = centered.mean(dims)
+            var = torch.mul(centered.sub_(_channel_view(mean, x.ndim)), centered).mean(dims)
         var_unbiased = var * (count / (count - 1)) if unbiased or running_mean is not None else None
         invstd = torch.rsqrt((var_unbiased if unbiased else var) + eps)
         if running_mean is not None:
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var_unbiased, momentum)
     scale, shift = _scale_shift(invstd, weight, bias)
-    folded = shift - mean * scale if shift is not None else -mean * scale
-    out = _scaled(x, scale, folded, out)  # y = x * scale + (beta - mean * scale)
+    if centered is not None:
+        out = _affine_(centered, scale, shift)  # y = (x - mean) * scale + beta
+    else:
+        folded = shift - mean * scale if shift is not None else -mean * scale
+        out = _scaled(x, scale, folded, out)  # y = x * scale + (beta - mean * scale)
     if residual is not None:
         out = out.add_(residual)
     out = _activate_(out, activation)

@@ -166,14 +166,20 @@ def test_unbiased_with_residual_and_silu_against_formula():
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4, 2, 2, 2)], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_empty_input_like_torch(shape, training):
-    x = torch.randn(shape, requires_grad=True)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_empty_input_like_torch(shape, training, channels_last):
+    """Empty output (in the input's memory format: an empty tensor is contiguous in every format, its
+    strides tell which), zero parameter gradients, running stats untouched."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if channels_last else None
+    x = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format).requires_grad_()
     weight, bias, running_mean, running_var = params(4, torch.float32)
     res = torch.randn(shape, requires_grad=True)
     stats = (running_mean.clone(), running_var.clone())
     y = fused_ops.batch_norm(x, *stats, weight, bias, training, activation="relu", residual=res)
     y_ref = reference(x, running_mean.clone(), running_var.clone(), weight, bias, training, "relu", res)
     assert y.shape == y_ref.shape == shape
+    torch_layout = F.batch_norm(x, running_mean.clone(), running_var.clone(), training=training).stride()
+    assert (y.stride(1) == 1) == (torch_layout[1] == 1)  # channels innermost exactly when torch's are
     grads = torch.autograd.grad(y.sum(), (x, weight, bias, res))
     grads_ref = torch.autograd.grad(y_ref.sum(), (x, weight, bias, res))
     for got, exp in zip(grads, grads_ref, strict=True):
