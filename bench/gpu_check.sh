@@ -4,6 +4,8 @@
 # set, else to bench/out/.
 #
 #   bash bench/gpu_check.sh                # on a CUDA machine (torch 2.11 + triton 3.6; no internet needed)
+#   bash bench/gpu_check.sh --cnn          # only the BatchNorm2d / ResNet rows (issue 13) and their GPU tests:
+#                                          # its RESULTS.md GPU section then holds those rows alone
 #   bash bench/gpu_check.sh --device cpu   # a dry run of the same steps on a CPU: harness tests, quick shapes
 #
 # Wheels the GPU machine lacks (it has no internet): put them in .whl/ (git-ignored), e.g.
@@ -18,9 +20,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cuda
-if [[ "${1:-}" == "--device" ]]; then
-    DEVICE="${2:?--device needs cpu or cuda}"
-fi
+CNN=0
+while (( $# )); do
+    case "$1" in
+        --device) DEVICE="${2:?--device needs cpu or cuda}"; shift 2 ;;
+        --cnn) CNN=1; shift ;;
+        *) echo "usage: bash bench/gpu_check.sh [--device cpu|cuda] [--cnn]" >&2; exit 2 ;;
+    esac
+done
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 TEST_BUDGET_S=${GPU_CHECK_TEST_BUDGET_S:-180}
 OUT_DIR=${OUT:-bench/out}
@@ -58,6 +65,15 @@ else  # dry run: the harness's own tests and quick shapes
     TESTS=(tests/test_bench.py)
     BENCH_SHAPES=(--quick)
 fi
+BENCH_OPS=()
+if (( CNN )); then  # issue 13's rows: BatchNorm2d at ResNet-50 shapes, + add + ReLU, the basic-block step
+    BENCH_OPS=(--op bn2d,bn2d_add_relu,resnet_block)
+    if [[ "$DEVICE" == cuda ]]; then
+        TESTS=(-m gpu tests/test_batch_norm_triton.py tests/test_compile.py)
+    else
+        TESTS=(tests/test_bench.py -k "cnn or smoke")
+    fi
+fi
 
 step "tests: pytest ${TESTS[*]} (at most ${TEST_BUDGET_S} s)"
 timeout "$TEST_BUDGET_S" python -m pytest "${TESTS[@]}" -q -p no:cacheprovider --durations=10 \
@@ -82,7 +98,7 @@ if [[ -f bench/RESULTS.md ]]; then
     cp bench/RESULTS.md "$OUT_DIR/RESULTS.md"
 fi
 # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
-timeout "$left" python -m bench --device "$DEVICE" "${BENCH_SHAPES[@]}" --time-budget $(( left - 90 )) \
+timeout "$left" python -m bench --device "$DEVICE" "${BENCH_SHAPES[@]}" "${BENCH_OPS[@]}" --time-budget $(( left - 90 )) \
     --out "$OUT_DIR" --results "$OUT_DIR/RESULTS.md" --no-progress ${GPU_CHECK_BENCH_ARGS:-}
 rc=$?
 case $rc in

@@ -10,6 +10,9 @@ inputs plus a forward callable, from which `mode_fn` makes the timed callable of
 
 Byte models (`bytes_moved`) count the unavoidable traffic of the op, the same for every provider, so
 GB/s compares providers on the same work.
+
+The CNN cases (BatchNorm2d, BatchNorm2d + add + ReLU, a ResNet basic-block step) live in `bench.cnn`,
+registered here: their shapes are `cnn.Shape`s, (N, C, H, W) in a layout.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import torch
 import torch.nn.functional as F
 
 import fused_ops
+from bench import cnn
 
-OPS = ("ce", "bn", "bn_tanh", "makemore")
+OPS = ("ce", "bn", "bn_tanh", "makemore", *cnn.OPS)
 OP_TITLES = {
     "ce": "cross-entropy",
     "bn": "BatchNorm (training)",
     "bn_tanh": "BatchNorm + tanh (training)",
     "makemore": "makemore MLP training step",
+    **cnn.OP_TITLES,
 }
 MODES = ("fwd", "bwd", "fwd+bwd", "step")
 OP_MODES = {
@@ -36,6 +41,7 @@ OP_MODES = {
     "bn": ("fwd", "bwd", "fwd+bwd"),
     "bn_tanh": ("fwd", "bwd", "fwd+bwd"),
     "makemore": ("step",),
+    **cnn.OP_MODES,
 }
 # Provider order is also the sweep's priority order: under a time budget the last ones are dropped first.
 PROVIDERS = ("fused", "eager", "unfused", "liger", "compile")
@@ -44,6 +50,7 @@ OP_PROVIDERS = {
     "bn": ("fused", "eager", "compile"),
     "bn_tanh": ("fused", "unfused", "eager", "compile"),  # unfused: fused_ops.batch_norm, then torch.tanh
     "makemore": ("fused", "eager", "compile"),
+    **cnn.OP_PROVIDERS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -78,14 +85,17 @@ MAKEMORE_SIZES = {
 
 @dataclass(frozen=True)
 class Case:
-    """One measured point: op, shape ((N, C), or a makemore size name) and dtype name ("fp32"/"bf16")."""
+    """One measured point: op, shape ((N, C), a makemore size name, or a `cnn.Shape`) and dtype name
+    ("fp32"/"bf16")."""
 
     op: str
-    shape: tuple[int, int] | str
+    shape: tuple[int, int] | str | cnn.Shape
     dtype: str
 
     @property
     def label(self) -> str:
+        if self.op in cnn.OPS:
+            return self.shape.label
         if self.op == "makemore":
             return MAKEMORE_SIZES[self.shape].label
         n, c = self.shape
@@ -94,6 +104,8 @@ class Case:
     @property
     def numel(self) -> int:
         """Elements of the op's main (N, C) tensor; for makemore, batch x hidden width (the plots' x axis)."""
+        if self.op in cnn.OPS:
+            return self.shape.numel
         if self.op == "makemore":
             size = MAKEMORE_SIZES[self.shape]
             return size.batch * size.n_hidden
@@ -107,6 +119,8 @@ def element_size(dtype: str) -> int:
 
 def bytes_moved(case: Case, mode: str) -> int | None:
     """Minimum bytes each call must move (the GB/s numerator); None where GB/s means nothing."""
+    if case.op in cnn.OPS:
+        return cnn.bytes_moved(case.op, case.shape, element_size(case.dtype), mode)
     if case.op == "makemore":
         return None  # a training step is matmul and launch bound; time is the metric
     n, c = case.shape
@@ -130,6 +144,11 @@ def bytes_moved(case: Case, mode: str) -> int | None:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
+def byte_model(case: Case, mode: str) -> str:
+    """The byte model a row states beside its GB/s where it depends on the shape (the CNN cases), or ""."""
+    return cnn.byte_model(case.op, case.shape, element_size(case.dtype), mode) if case.op in cnn.OPS else ""
+
+
 def memory_needed(case: Case) -> int:
     """A generous upper bound of the bytes one provider's run of this case holds at its peak.
 
@@ -138,6 +157,8 @@ def memory_needed(case: Case) -> int:
     fp32 or wider (the PyTorch paths compute low-precision input in fp32), plus room for the
     allocator's slack and the compile and Liger workspaces.
     """
+    if case.op in cnn.OPS:
+        return cnn.memory_needed(case.op, case.shape, element_size(case.dtype))
     if case.op == "makemore":
         size = MAKEMORE_SIZES[case.shape]
         return 32 * size.batch * (size.n_hidden + size.block_size * size.n_embd) * 4
@@ -231,6 +252,11 @@ def build(case: Case, provider: str, device: torch.device, seed: int = 0) -> Run
         return _build_cross_entropy(case, provider, device, generator)
     if case.op == "makemore":
         return _build_makemore(case, provider, device, generator)
+    if case.op in cnn.OPS:
+        return cnn.build(
+            case.op, case.shape, DTYPES[case.dtype], provider, device, generator, Runner, _compiled,
+            fused_backend(device),
+        )
     return _build_batch_norm(case, provider, device, generator)
 
 

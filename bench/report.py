@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from bench import ops
+from bench import cnn, ops
 from bench.environment import Environment
 from bench.sweep import Row
 
@@ -52,7 +52,7 @@ def format_table(rows: list[Row]) -> str:
     lines = []
     for row in rows:
         spread = "-" if row.p20_ms is None else f"{fmt_time(row.p20_ms)}-{fmt_time(row.p80_ms)}"
-        note = row.note if row.status != "ok" else ""
+        note = row.note
         lines.append(
             [
                 row.op,
@@ -66,7 +66,7 @@ def format_table(rows: list[Row]) -> str:
                 _fmt(row.pct_copy_bw, ".0f"),
                 _fmt(row.peak_mem_mib, ".2f"),
                 _fmt(row.launches, "d"),
-                (f"[{row.status}] " + note)[:90] if note else "",
+                (note if row.status == "ok" else f"[{row.status}] " + note)[:90] if note else "",
             ]
         )
     widths = [
@@ -129,13 +129,17 @@ def _sweep_figure(plt, op: str, dtype: str, rows: list[Row]):
     for col, mode in enumerate(modes):
         in_mode = [r for r in rows if r.mode == mode]
         sizes = sorted({(r.numel, r.shape) for r in in_mode})
-        for provider in ops.PROVIDERS:
-            series = sorted((r.numel, r) for r in in_mode if r.provider == provider)
+        # a line per provider, and per layout where the shape names one ("256x64x56x56 nhwc")
+        layouts = sorted({r.shape.partition(" ")[2] for r in in_mode})
+        for provider, layout in ((p, lay) for p in ops.PROVIDERS for lay in layouts):
+            chosen = [r for r in in_mode if r.provider == provider and r.shape.partition(" ")[2] == layout]
+            series = sorted(((r.numel, r) for r in chosen), key=lambda point: point[0])
             if not series:
                 continue
             x = [n for n, _ in series]
-            axes[0][col].plot(x, [r.median_ms for _, r in series], marker="o", label=provider)
-            axes[1][col].plot(x, [r.pct_copy_bw for _, r in series], marker="o", label=provider)
+            label = f"{provider} {layout}".strip()
+            axes[0][col].plot(x, [r.median_ms for _, r in series], marker="o", label=label)
+            axes[1][col].plot(x, [r.pct_copy_bw for _, r in series], marker="o", label=label)
         axes[0][col].set_title(f"{ops.OP_TITLES[op]}, {mode}, {dtype} ({rows[0].device})")
         axes[0][col].set_ylabel("median time (ms)")
         axes[0][col].set_yscale("log")
@@ -148,7 +152,7 @@ def _sweep_figure(plt, op: str, dtype: str, rows: list[Row]):
             ax.minorticks_off()
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        axes[1][col].set_xlabel("shape N x C (x axis: N*C, log)")
+        axes[1][col].set_xlabel("shape (x axis: elements, log)")
     fig.tight_layout()
     return fig
 
@@ -298,7 +302,7 @@ def target_lines(rows: list[Row], device: str) -> list[str]:
         ),
         f"BatchNorm at (32, 200): one launch forward: {bn_launches_fwd}; one backward: {bn_launches_bwd}",
     ]
-    return lines
+    return lines + cnn.target_lines(rows, speedups, _pct_range, faster, pct)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,7 +332,8 @@ def _op_tables(rows: list[Row], op: str) -> list[str]:
     points.sort(key=lambda p: (list(ops.DTYPES).index(p[0]), p[1], ops.MODES.index(p[3])))
     baselines = [p for p in providers if p != "fused"]
     header = ["dtype", "shape", "mode", *providers, *(f"fused vs {b}" for b in baselines)]
-    if op != "makemore":
+    has_bytes = ops.OP_MODES[op] != ("step",)  # a training step has no byte model
+    if has_bytes:
         header += ["fused GB/s (% copy)"]
     header += ["peak MiB fused / eager", "launches fused / eager"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -340,7 +345,7 @@ def _op_tables(rows: list[Row], op: str) -> list[str]:
             base = by_key.get((mode, dtype, shape, b))
             both = fused and base and fused.status == "ok" and base.status == "ok"
             cells.append(f"{base.median_ms / fused.median_ms:.2f}x" if both else "")
-        if op != "makemore":
+        if has_bytes:
             good = fused is not None and fused.status == "ok"
             cells.append(f"{fused.gbps:.1f} ({fused.pct_copy_bw:.0f}%)" if good else "")
         cells.append(
@@ -427,7 +432,7 @@ def render_section(rows: list[Row], env: Environment, plots: list[str], csv_link
         "",
     ]
     lines += _summary_table(rows)
-    lines += ["", "### Against the targets (issues 3 and 4)", ""]
+    lines += ["", "### Against the targets (issues 3, 4 and 13)", ""]
     lines += [f"- {line}" for line in target_lines(rows, env.device)]
     for op in ops.OPS:
         tables = _op_tables(rows, op)

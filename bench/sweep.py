@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fused_ops
-from bench import ops
+from bench import cnn, ops
 from bench.ops import BN_SHAPES, CE_SHAPES, DTYPES, MAKEMORE_SIZES, MODES, OPS, PROVIDERS, Case
 from bench.profiling import observe
 from bench.timing import measure
@@ -25,18 +25,23 @@ from bench.timing import measure
 # Shape presets. "cpu" finishes in a few minutes on two cores: at most 4M elements, since the fused
 # PyTorch path and eager take seconds per call at the GPU grid's 10^8-10^9. "quick" is the CI smoke run's.
 PRESETS = {
-    "full": {"ce": CE_SHAPES, "bn": BN_SHAPES, "bn_tanh": BN_SHAPES, "makemore": tuple(MAKEMORE_SIZES)},
+    "full": {
+        "ce": CE_SHAPES, "bn": BN_SHAPES, "bn_tanh": BN_SHAPES, "makemore": tuple(MAKEMORE_SIZES),
+        **cnn.SHAPES["full"],
+    },
     "cpu": {
         "ce": ((32, 27), (4096, 27), (32, 1024), (4096, 1024), (32, 32000)),
         "bn": ((32, 64), (32, 200), (4096, 1024)),
         "bn_tanh": ((32, 64), (32, 200), (4096, 1024)),
         "makemore": tuple(MAKEMORE_SIZES),
+        **cnn.SHAPES["cpu"],
     },
     "quick": {
         "ce": ((32, 27), (16, 1000)),
         "bn": ((32, 64),),
         "bn_tanh": ((32, 64),),
         "makemore": ("notebook",),
+        **cnn.SHAPES["quick"],
     },
 }
 # torch.compile costs seconds per case on a GPU and tens of seconds on a CPU, so by default it runs
@@ -48,6 +53,7 @@ COMPILE_DEFAULT = {
         "bn": BN_SHAPES,
         "bn_tanh": BN_SHAPES,
         "makemore": tuple(MAKEMORE_SIZES),
+        **cnn.COMPILE_DEFAULT["cuda"],
         "dtypes": ("fp32", "bf16"),
     },
     # CPU: makemore's shapes and the largest of the CPU preset, in fp32.
@@ -56,6 +62,7 @@ COMPILE_DEFAULT = {
         "bn": ((32, 200), (4096, 1024)),
         "bn_tanh": ((32, 200), (4096, 1024)),
         "makemore": ("notebook",),
+        **cnn.COMPILE_DEFAULT["cpu"],
         "dtypes": ("fp32",),
     },
 }
@@ -115,21 +122,26 @@ class Settings:
 
 
 def parse_shapes(spec: str, device: torch.device) -> dict[str, tuple]:
-    """A preset name, or a comma list of NxC (cross-entropy and BatchNorm) and makemore size names."""
+    """A preset name, or a comma list of NxC (cross-entropy and BatchNorm), NxCxHxW (the CNN BatchNorm
+    cases, both layouts) and makemore size names."""
     if spec == "auto":
         spec = "full" if device.type == "cuda" else "cpu"
     if spec in PRESETS:
         return PRESETS[spec]
-    pairs, sizes = [], []
+    pairs, sizes, images = [], [], []
     for token in (t.strip() for t in spec.split(",") if t.strip()):
         if token in MAKEMORE_SIZES:
             sizes.append(token)
+            continue
+        image = cnn.parse_token(token)
+        if image is not None:
+            images += [image, image._replace(layout="nhwc")]
             continue
         try:
             n, c = (int(v) for v in token.lower().split("x"))
         except ValueError:
             raise ValueError(
-                f"--shapes: {token!r} is neither NxC (e.g. 4096x32000), a makemore size "
+                f"--shapes: {token!r} is neither NxC (e.g. 4096x32000), NxCxHxW, a makemore size "
                 f"{tuple(MAKEMORE_SIZES)} "
                 f"nor a preset {tuple(PRESETS)}"
             ) from None
@@ -137,7 +149,11 @@ def parse_shapes(spec: str, device: torch.device) -> dict[str, tuple]:
             raise ValueError(f"--shapes: {token!r} needs N >= 2 (BatchNorm training) and C >= 1")
         pairs.append((n, c))
     pairs_t = tuple(pairs)
-    return {"ce": pairs_t, "bn": pairs_t, "bn_tanh": pairs_t, "makemore": tuple(sizes)}
+    images_t = tuple(images)
+    return {
+        "ce": pairs_t, "bn": pairs_t, "bn_tanh": pairs_t, "makemore": tuple(sizes),
+        "bn2d": images_t, "bn2d_add_relu": images_t, "resnet_block": images_t,
+    }
 
 
 def plan(settings: Settings) -> list[Job]:
@@ -295,6 +311,7 @@ def _measure_mode(job: Job, mode: str, runner: ops.Runner, settings: Settings, c
         job,
         mode,
         device,
+        note=ops.byte_model(job.case, mode),
         median_ms=timing.median_ms,
         p20_ms=timing.p20_ms,
         p80_ms=timing.p80_ms,

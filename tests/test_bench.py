@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bench import ops, report
+from bench import cnn, ops, report
 from bench.__main__ import main
 from bench.ops import Case, Timed
 from bench.profiling import observe
@@ -60,7 +60,7 @@ def test_smoke_run_measures_every_op_mode_and_provider(smoke):
         median, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= median <= p80, r
         assert float(r["peak_mem_mib"]) >= 0 and int(r["launches"]) >= 1, r
-        if r["op"] == "makemore":
+        if ops.OP_MODES[r["op"]] == ("step",):  # a training step: no byte model
             assert r["gbps"] == "" and r["bytes"] == "", r
         else:  # GB/s is the byte model over the median, and % copy is against a positive bandwidth
             assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / (median * 1e-3) / 1e9, rel=1e-6), r
@@ -85,7 +85,8 @@ def test_smoke_run_writes_table_plots_and_results(smoke):
     text = results.read_text()
     assert text.count("<!-- bench:cpu:begin -->") == 1 and "<!-- bench:cpu:end -->" in text
     assert f"torch {torch.__version__}" in text
-    for title in ("cross-entropy", "BatchNorm (training)", "BatchNorm + tanh", "makemore"):
+    titles = ("cross-entropy", "BatchNorm (training)", "BatchNorm + tanh", "makemore")
+    for title in (*titles, "BatchNorm2d (training)", "BatchNorm2d + add + ReLU", "ResNet basic-block"):
         assert f"### {title}" in text
     assert (results.parent / "results" / "cpu" / "ce_fp32.png").exists()
     assert "](results/cpu/ce_fp32.png)" in text
@@ -146,6 +147,26 @@ def test_byte_models(dtype, b):
     assert ops.bytes_moved(Case("makemore", "notebook", "fp32"), "step") is None
 
 
+@pytest.mark.parametrize("dtype, b", [("fp32", 4), ("bf16", 2)])
+def test_cnn_byte_models(dtype, b, monkeypatch):
+    """BatchNorm2d and BatchNorm2d + add + ReLU: the L2-resident models (2 / 3 passes, 3 / 5 with the
+    residual), and the re-read ones where x (and dy, y) exceed the L2 of a (pretend) GPU."""
+    n, c, h, w = 256, 64, 56, 56
+    e = n * c * h * w
+    bn, fused = (Case(op, cnn.Shape(n, c, h, w, "nhwc"), dtype) for op in ("bn2d", "bn2d_add_relu"))
+    assert [ops.bytes_moved(bn, m) for m in ("fwd", "bwd", "fwd+bwd")] == [2 * e * b, 3 * e * b, 5 * e * b]
+    assert [ops.bytes_moved(fused, m) for m in ("fwd", "bwd", "fwd+bwd")] == [3 * e * b, 5 * e * b, 8 * e * b]
+    assert ops.byte_model(bn, "fwd") == "byte model: fwd 2-pass (L2-resident)"
+    pytest.importorskip("triton")
+    monkeypatch.setitem(cnn._L2_BYTES, "cuda", 50 * 2**20)  # x of (256, 64, 56, 56) is 103 MB / 205 MB
+    assert [ops.bytes_moved(bn, m) for m in ("fwd", "bwd", "fwd+bwd")] == [3 * e * b, 5 * e * b, 8 * e * b]
+    assert [ops.bytes_moved(fused, m) for m in ("fwd", "bwd")] == [4 * e * b, 8 * e * b]
+    assert ops.byte_model(bn, "fwd+bwd") == "byte model: fwd 3-pass (x > L2), bwd 5-pass (x > L2)"
+    small = Case("bn2d", cnn.Shape(2, 8, 4, 4, "nchw"), dtype)  # on chip: x is read once
+    assert ops.bytes_moved(small, "fwd") == 2 * 2 * 8 * 4 * 4 * b
+    assert ops.bytes_moved(Case("resnet_block", cnn.Shape(2, 8, 6, 6, "nhwc"), dtype), "step") is None
+
+
 def test_cpu_peak_memory_counts_transient_tensors():
     """Two live tensors of 1 MiB and 2 MiB, then a 4 MiB one after both are freed: the peak is 4 MiB,
     and the 8-byte scalar that survives the call is counted as allocated."""
@@ -186,11 +207,15 @@ def test_cpu_timer_excludes_setup():
 
 def test_parse_shapes():
     cpu = torch.device("cpu")
-    assert parse_shapes("32x27,notebook", cpu) == {
+    images = (cnn.Shape(8, 64, 28, 28, "nchw"), cnn.Shape(8, 64, 28, 28, "nhwc"))
+    assert parse_shapes("32x27,notebook,8x64x28x28", cpu) == {
         "ce": ((32, 27),),
         "bn": ((32, 27),),
         "bn_tanh": ((32, 27),),
         "makemore": ("notebook",),
+        "bn2d": images,
+        "bn2d_add_relu": images,
+        "resnet_block": images,
     }
     assert parse_shapes("auto", cpu)["ce"] == parse_shapes("cpu", cpu)["ce"]
     with pytest.raises(ValueError, match="--shapes: '4096by2'"):
