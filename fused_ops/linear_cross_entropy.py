@@ -27,14 +27,15 @@ counts, as torch's 0 / 0; mean over probability targets: 1 / M; sum: 1).
 reduction="none" has a grad_output per row, unknown in the forward, and dW = sum_i g_i G_i^T x_i does
 not factor out of the sum. Its forward then computes only the losses (matmul 1 and a cross-entropy
 pass without gradient) and its backward recomputes each chunk (matmuls 1-3, the rows of G scaled by
-g_i): 4 matmuls in all, as many as a recomputing backward needs, against eager's 3; measured in
-bench/linear_cross_entropy.py. A frozen head (only input requires grad) needs no dW, and dX_i =
-g_i * (G_i @ W) does factor: then "none" also computes dX in the forward (2 matmuls).
+g_i): 4 matmuls in all, as many as a recomputing backward needs, against eager's 3 (1.21x eager's CPU
+time at (4096, 512, 32000) fp32, torch's chunked path 1.50x: bench/RESULTS.md). A frozen head (only
+input requires grad) needs no dW, and dX_i = g_i * (G_i @ W) does factor: then "none" also computes
+dX in the forward (2 matmuls).
 
 The first backward scales the stored dX, dW, db in place and hands them to autograd, which adopts them
 as .grad without a copy. A later backward through the same graph (retain_graph=True, or gradcheck)
-finds them gone and recomputes, as "none" does; under torch.compile the backward multiplies out of
-place instead (the compiler plans the buffers).
+finds them gone and runs the forward's chunk loop again, which gives them bit for bit; under
+torch.compile the backward multiplies out of place instead (the compiler plans the buffers).
 
 Precision: G is in the logits' dtype (input's), as eager's dlogits; dX, dW and db accumulate in
 float32 for bfloat16/float16 inputs (float64 for float64): on CUDA the half matmuls write float32
@@ -185,7 +186,7 @@ def default_chunk_size(num_rows: int, num_classes: int, dtype: torch.dtype, devi
     accumulation (read and write V x H x 4 bytes per chunk) stays well below its matmul's time.
     """
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
-    bytes_per_row = max(1, num_classes) * torch.empty((), dtype=dtype).element_size()
+    bytes_per_row = max(1, num_classes) * dtype.itemsize
     rows = max(MIN_CHUNK_ROWS, budget // bytes_per_row // ROW_ALIGN * ROW_ALIGN)
     return max(1, min(rows, num_rows))
 
