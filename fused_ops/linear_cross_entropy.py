@@ -643,6 +643,10 @@ class LinearCrossEntropyLoss(_WeightedLoss):
     -graph switch) have no counterpart: this op always chunks, accumulates in float32 and allows a second
     backward. input may have any batch shape (*, H). With process_group, num_classes is this rank's
     slice width V_r and `weight` this rank's slice of the class weights.
+
+    Data parallel: wrap this module (or a module holding it) with DDP or FSDP2's `fully_shard`, whose
+    hooks run around its forward; `fully_shard(loss.linear)` alone would leave linear.weight sharded
+    here, since forward reads it without calling `self.linear` (which would build the logits).
     """
 
     def __init__(
