@@ -15,7 +15,8 @@
 # bench/RESULTS.md, so the CPU section is kept) and $OUT/results/cuda/ to bench/results/cuda/.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (total, default 480), GPU_CHECK_TEST_BUDGET_S (tests, default
-# 180), GPU_CHECK_BENCH_ARGS (extra arguments for `python -m bench`, e.g. "--op ce --dtype bf16").
+# 180), GPU_CHECK_LCE_BUDGET_S (linear + cross-entropy rows, default 150), GPU_CHECK_BENCH_ARGS (extra
+# arguments for `python -m bench`, e.g. "--op ce --dtype bf16").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,7 @@ while (( $# )); do
 done
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 TEST_BUDGET_S=${GPU_CHECK_TEST_BUDGET_S:-180}
+LCE_BUDGET_S=${GPU_CHECK_LCE_BUDGET_S:-150}
 OUT_DIR=${OUT:-bench/out}
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
@@ -61,9 +63,11 @@ fi
 if [[ "$DEVICE" == cuda ]]; then
     TESTS=(-m gpu)
     BENCH_SHAPES=()
+    LCE_SHAPES=()
 else  # dry run: the harness's own tests and quick shapes
     TESTS=(tests/test_bench.py)
     BENCH_SHAPES=(--quick)
+    LCE_SHAPES=(--quick)
 fi
 BENCH_OPS=()
 if (( CNN )); then  # issue 13's rows: BatchNorm2d at ResNet-50 shapes, + add + ReLU, the basic-block step
@@ -84,6 +88,18 @@ case $rc in
     5) echo "no test selected" ;;
     124) echo "tests stopped at the ${TEST_BUDGET_S} s limit"; status=1 ;;
     *) echo "tests failed (exit $rc)"; status=1 ;;
+esac
+
+# Linear + cross-entropy (issue 14): fwd+bwd time and peak memory of fused_ops.linear_cross_entropy,
+# eager, torch's chunked path, torch.compile, Liger and the three bare matmuls, at the GPU shapes
+# (8192, 4096, 128256) and (16384, 4096, 262144) bf16; table and CSV in $OUT_DIR/linear_cross_entropy_*.
+step "linear + cross-entropy rows on $DEVICE (at most ${LCE_BUDGET_S} s)"
+timeout "$LCE_BUDGET_S" python -m bench.linear_cross_entropy --device "$DEVICE" "${LCE_SHAPES[@]}" --out "$OUT_DIR"
+rc=$?
+case $rc in
+    0) echo "linear + cross-entropy rows done" ;;
+    124) echo "linear + cross-entropy rows stopped at the ${LCE_BUDGET_S} s limit"; status=1 ;;
+    *) echo "linear + cross-entropy rows had failures (exit $rc): see the note column"; status=1 ;;
 esac
 
 # The sweep gets what is left, less 30 s for this script's end; its own budget keeps 90 s more for the

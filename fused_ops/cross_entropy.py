@@ -147,19 +147,19 @@ def _check_args(
             )
 
 
-def _check_options(z_loss: float, softcap: float | None) -> None:
+def _check_options(z_loss: float, softcap: float | None, op: str = "cross_entropy") -> None:
     """TypeError / ValueError naming z_loss or softcap unless z_loss is a finite real >= 0 and softcap is
-    None or a finite real > 0."""
+    None or a finite real > 0. `op` names the caller in the messages."""
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise TypeError(f"cross_entropy: z_loss must be a float, got {type(z_loss).__name__}")
+        raise TypeError(f"{op}: z_loss must be a float, got {type(z_loss).__name__}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(f"cross_entropy: z_loss must be a finite float >= 0, got {z_loss}")
+        raise ValueError(f"{op}: z_loss must be a finite float >= 0, got {z_loss}")
     if softcap is None:
         return
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"cross_entropy: softcap must be a float or None, got {type(softcap).__name__}")
+        raise TypeError(f"{op}: softcap must be a float or None, got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"cross_entropy: softcap must be a finite float > 0 or None, got {softcap}")
+        raise ValueError(f"{op}: softcap must be a finite float > 0 or None, got {softcap}")
 
 
 def _check_index_target_shape(
@@ -178,12 +178,14 @@ def _check_index_target_shape(
         )
 
 
-def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_target_range(
+    target: torch.Tensor, num_classes: int, ignore_index: int, op: str = "cross_entropy"
+) -> None:
     """IndexError unless every index target lies in [0, C) or equals ignore_index.
 
     Reads target values on the host: free on CPU (torch checks there too), a host sync on CUDA, where
     it runs only with validate=True. One min/max pass decides the common case; the exact test, which
-    lets ignore_index through, runs only when some target lies outside [0, C).
+    lets ignore_index through, runs only when some target lies outside [0, C). `op` names the caller.
     """
     if target.numel() == 0:
         return
@@ -193,7 +195,7 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bad.any():
         raise IndexError(
-            f"cross_entropy: target holds {int(target[bad][0])}, outside [0, {num_classes}) "
+            f"{op}: target holds {int(target[bad][0])}, outside [0, {num_classes}) "
             f"and not ignore_index={ignore_index}"
         )
 
@@ -477,6 +479,46 @@ def _forward(
     if call.reduction == "none":
         loss = loss.view(shape[:1] + shape[2:] if len(shape) > 1 else ())  # the target's batch shape
     return loss, grad, overwrite
+
+
+def _rows_loss_and_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    need_grad: bool,
+    loss_dtype: torch.dtype,
+    targets_in_range: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of rows for an op that feeds cross-entropy piece by piece (`linear_cross_entropy`).
+
+    logits: (M, C), unit column stride, a buffer the caller owns; target: (M,) or (M, C); arguments
+    already checked. Returns the (M,) per-row losses (reduction "none") in loss_dtype and, when
+    need_grad, d(sum_i loss_i)/d(logits) (M, C) in logits' dtype: a unit grad_output, no mean scale.
+    Runs on the backend `cross_entropy` picks for these tensors, through the same `_forward`. Where
+    the backend writes the gradient in place at no cost (Triton), it overwrites logits; the PyTorch
+    path returns a new tensor (copying it back would cost a pass).
+    """
+    triton = _runs_triton(logits, target, weight)
+    call = _Call(
+        shape=logits.shape,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        need_grad=need_grad,
+        inplace=triton,
+        triton=triton,
+        loss_dtype=loss_dtype,
+        targets_in_range=targets_in_range,
+    )
+    loss, grad, _ = _forward(logits, target, weight, call)
+    return loss, grad
 
 
 class CrossEntropyFunction(torch.autograd.Function):

@@ -27,6 +27,7 @@ from fused_ops.convert import convert
 from fused_ops.cross_entropy import CrossEntropyLoss, cross_entropy
 from fused_ops.distributed.sync_batch_norm import SyncBatchNorm
 from fused_ops.distributed.vocab_parallel import vocab_parallel_cross_entropy
+from fused_ops.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 
 CASE_TIMEOUT = datetime.timedelta(seconds=20)  # each collective of a case's own group
 
@@ -198,11 +199,82 @@ def run_ddp_step(case: dict, rank: int, world_size: int, group) -> dict:
     }
 
 
+def run_linear_cross_entropy(case: dict, rank: int, world_size: int, group) -> dict:
+    """Vocab-parallel linear + cross-entropy on this rank's rows of the head: the loss, the full dX and
+    this rank's slices of dW, db, plus collective counts; through the function or the module."""
+    width = case["widths"][rank]
+    rows = slice(sum(case["widths"][:rank]), sum(case["widths"][: rank + 1]))
+    observed = []
+    for option in case["options"]:
+        x = case["x"].clone().requires_grad_()
+        weight = None if option["weight"] is None else option["weight"][rows]
+        kwargs = {
+            "reduction": option["reduction"],
+            "label_smoothing": option["label_smoothing"],
+            "chunk_size": case["chunk_size"],
+        }
+        if case.get("api") == "module":
+            head = LinearCrossEntropyLoss(
+                x.shape[-1], width, bias=True, dtype=x.dtype, weight=weight, process_group=group, **kwargs
+            )
+            head.load_state_dict(
+                {"linear.weight": case["w"][rows], "linear.bias": case["b"][rows]}, strict=False
+            )
+            w, b = head.linear.weight, head.linear.bias
+        else:
+            w, b = case["w"][rows].clone().requires_grad_(), case["b"][rows].clone().requires_grad_()
+
+            def head(x, target, w=w, b=b, weight=weight, kwargs=kwargs):
+                return linear_cross_entropy(
+                    x, w, target, linear_bias=b, weight=weight, process_group=group, **kwargs
+                )
+
+        with count_collectives() as forward_calls:
+            loss = head(x, case["target"])
+        with count_collectives() as backward_calls:
+            loss.backward(option["grad"])
+        observed.append(
+            {
+                "loss": loss.detach(),
+                "dx": x.grad,
+                "dw": w.grad,
+                "db": b.grad,
+                "forward_calls": dict(forward_calls),
+                "backward_calls": dict(backward_calls),
+            }
+        )
+    return observed
+
+
+def run_lce_data_parallel(case: dict, rank: int, world_size: int, group) -> dict:
+    """LinearCrossEntropyLoss under DDP or FSDP2 (fully_shard) on this rank's rows of the batch: each
+    rank's sum over its rows, scaled so that the ranks' average is the global sum over N."""
+    head = LinearCrossEntropyLoss(*case["sizes"], bias=True, dtype=torch.float64, reduction="sum")
+    head.load_state_dict(case["state"])
+    if case["wrap"] == "ddp":
+        model = DistributedDataParallel(head, process_group=group)
+    else:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(head, mesh=DeviceMesh.from_group(group, "cpu"))
+    rows = rows_of(case["counts"], rank)
+    loss = model(case["x"][rows], case["target"][rows]) * (world_size / sum(case["counts"]))
+    loss.backward()
+    grads = {}
+    for name, p in head.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: a DTensor shard
+        grads[name] = grad.clone()
+    return {"grads": grads, "sharded": [type(p).__name__ for p in head.parameters()]}
+
+
 RUNNERS = {
     "batch_norm": run_batch_norm,
     "bad_input": run_bad_input,
     "cross_entropy": run_cross_entropy,
     "ddp_step": run_ddp_step,
+    "linear_cross_entropy": run_linear_cross_entropy,
+    "lce_data_parallel": run_lce_data_parallel,
 }
 
 

@@ -24,7 +24,7 @@ PACKAGE = Path(fused_ops.__file__).resolve().parent
 ROOMS = [  # (room, module prefixes), lowest first
     ("kernels", ("fused_ops.kernels",)),
     ("backend", ("fused_ops.backend",)),
-    ("ops", ("fused_ops.cross_entropy", "fused_ops.batch_norm")),
+    ("ops", ("fused_ops.cross_entropy", "fused_ops.linear_cross_entropy", "fused_ops.batch_norm")),
     ("multi-process ops", ("fused_ops.distributed",)),
     ("convert", ("fused_ops.convert",)),
     ("face", ("fused_ops",)),
@@ -32,9 +32,13 @@ ROOMS = [  # (room, module prefixes), lowest first
     ("CLI", ("fused_ops.__main__",)),
 ]
 PUBLIC = ("fused_ops", "fused_ops.distributed")  # what the application and the CLI may import
-# The one import up the rooms, made at call time: cross_entropy(process_group=...) hands the call to the
-# vocab-parallel op, which itself reuses cross_entropy's checker.
-ALLOWED_UP = {("fused_ops.cross_entropy", "fused_ops.distributed.vocab_parallel")}
+# The imports up the rooms, made at call time: cross_entropy(process_group=...) and
+# linear_cross_entropy(process_group=...) hand the call to their vocab-parallel twins, which reuse the
+# op's checker (and, for the linear one, its chunk loop).
+ALLOWED_UP = {
+    ("fused_ops.cross_entropy", "fused_ops.distributed.vocab_parallel"),
+    ("fused_ops.linear_cross_entropy", "fused_ops.distributed.vocab_parallel"),
+}
 
 
 def _room(module: str) -> int:
@@ -103,8 +107,9 @@ def test_imports_flow_down(module):
             )
 
 
-def test_the_one_upward_import_is_made_at_call_time():
-    tree = ast.parse(MODULES["fused_ops.cross_entropy"].read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", sorted({low for low, _ in ALLOWED_UP}))
+def test_the_upward_imports_are_made_at_call_time(module):
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
     top_level = {
         node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module is not None
     }

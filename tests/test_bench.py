@@ -231,3 +231,27 @@ def test_too_large_cases_and_an_exhausted_time_budget_leave_rows_that_say_why():
     )
     rows = run(plan(settings), settings, copy_gbps=1.0)
     assert len(rows) == 6 and all(r.status == "skipped" and "time budget" in r.note for r in rows)
+
+
+def test_linear_cross_entropy_bench_smoke(tmp_path):
+    """`python -m bench.linear_cross_entropy --quick`: every provider gets a row (Liger says why not on
+    CPU), the ratios are to eager, TFLOP/s is 6*N*H*V over the CPU time, and the CSV and table are written."""
+    from bench import linear_cross_entropy as lce
+
+    providers = "fused,eager,torch_chunked,liger,matmul"
+    code = lce.main(["--device", "cpu", "--quick", "--providers", providers, "--out", str(tmp_path)])
+    with open(tmp_path / "linear_cross_entropy_cpu.csv", newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert code == 0 and list(rows) == providers.split(",")
+    assert rows["liger"]["status"] == "unavailable"
+    assert float(rows["eager"]["vs_eager_time"]) == 1.0
+    for name in ("fused", "eager", "matmul") + (
+        ("torch_chunked",) if hasattr(torch.nn.functional, "linear_cross_entropy") else ()
+    ):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
+        seconds = float(r["cpu_ms"]) * 1e-3  # one torch thread: the thread's CPU time
+        assert float(r["tflops"]) == pytest.approx(6 * 64 * 16 * 100 / seconds / 1e12)
+    assert float(rows["fused"]["peak_mib"]) > float(rows["fused"]["extra_mib"])  # less x.grad and W.grad
+    assert "| fused |" in (tmp_path / "linear_cross_entropy_cpu.md").read_text()

@@ -439,11 +439,96 @@ def check_ddp_step(case: dict, observed: list[dict]) -> None:
             torch.testing.assert_close(seen["state"][key], value, **TOLERANCES[torch.float64], msg=key)
 
 
+def _lce_case(gen, widths, n, hidden=5, chunk_size=4, api="function") -> dict:
+    """Vocab-parallel linear + cross-entropy: a (V, H) head cut into `widths` rows per rank, x (n, H)."""
+    vocab = sum(widths)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[torch.rand(n, generator=gen) < 0.25] = -100
+    weight = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.2
+    options = [
+        {"reduction": r, "label_smoothing": s, "weight": w}
+        for r in ("mean", "sum", "none")
+        for s, w in ((0.0, None), (0.1, weight))
+    ]
+    for option in options:
+        shape = (n,) if option["reduction"] == "none" else ()
+        option["grad"] = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5
+    return {
+        "kind": "linear_cross_entropy",
+        "widths": widths,
+        "chunk_size": chunk_size,
+        "api": api,
+        "x": torch.randn(n, hidden, generator=gen, dtype=torch.float64),
+        "w": torch.randn(vocab, hidden, generator=gen, dtype=torch.float64),
+        "b": torch.randn(vocab, generator=gen, dtype=torch.float64),
+        "target": target,
+        "options": options,
+    }
+
+
+def check_linear_cross_entropy(case: dict, observed: list[list[dict]]) -> None:
+    """Loss and dX on every rank, and each rank's dW, db slices, against float64 F.linear + F.cross_entropy
+    on the whole head; the scalar losses' backward issues no collective (it scales stored gradients)."""
+    tol = TOLERANCES[torch.float64]
+    for i, option in enumerate(case["options"]):
+        x, w, b = (case[k].clone().requires_grad_() for k in ("x", "w", "b"))
+        loss = F.cross_entropy(
+            F.linear(x, w, b),
+            case["target"],
+            weight=option["weight"],
+            reduction=option["reduction"],
+            label_smoothing=option["label_smoothing"],
+        )
+        dx, dw, db = torch.autograd.grad(loss, (x, w, b), option["grad"])
+        for rank, seen in enumerate(observed):
+            got = seen[i]
+            rows = slice(sum(case["widths"][:rank]), sum(case["widths"][: rank + 1]))
+            where = f"option {i} {option['reduction']} smoothing {option['label_smoothing']}, rank {rank}"
+            torch.testing.assert_close(got["loss"], loss.detach(), **tol, msg=where)
+            torch.testing.assert_close(got["dx"], dx, **tol, msg=where)
+            torch.testing.assert_close(got["dw"], dw[rows], **tol, msg=where)
+            torch.testing.assert_close(got["db"], db[rows], **tol, msg=where)
+            if option["reduction"] != "none":
+                assert got["backward_calls"] == {}, (where, got["backward_calls"])
+
+
+def _lce_data_parallel_case(gen, wrap: str, counts) -> dict:
+    sizes = (6, 11)  # H, V
+    n = sum(counts)
+    target = torch.randint(0, sizes[1], (n,), generator=gen)
+    target[0] = -100
+    head = fused_ops.LinearCrossEntropyLoss(*sizes, bias=True, dtype=torch.float64)
+    return {
+        "kind": "lce_data_parallel",
+        "wrap": wrap,
+        "sizes": sizes,
+        "counts": counts,
+        "state": {k: v.clone() for k, v in head.state_dict().items()},
+        "x": torch.randn(n, sizes[0], generator=gen, dtype=torch.float64),
+        "target": target,
+    }
+
+
+def check_lce_data_parallel(case: dict, observed: list[dict]) -> None:
+    """Under DDP or FSDP2 every rank's (gathered) gradients are the single-process gradients of the global
+    loss sum / N."""
+    head = fused_ops.LinearCrossEntropyLoss(*case["sizes"], bias=True, dtype=torch.float64, reduction="sum")
+    head.load_state_dict(case["state"])
+    (head(case["x"], case["target"]) / sum(case["counts"])).backward()
+    for seen in observed:
+        if case["wrap"] == "fsdp2":
+            assert seen["sharded"] == ["DTensor", "DTensor"], seen["sharded"]
+        for name, p in head.named_parameters():
+            torch.testing.assert_close(seen["grads"][name], p.grad, **TOLERANCES[torch.float64], msg=name)
+
+
 CHECKS = {
     "batch_norm": check_batch_norm,
     "bad_input": check_bad_input,
     "cross_entropy": check_cross_entropy,
     "ddp_step": check_ddp_step,
+    "linear_cross_entropy": check_linear_cross_entropy,
+    "lce_data_parallel": check_lce_data_parallel,
 }
 
 
@@ -511,6 +596,12 @@ def _scenarios(world: int) -> dict[str, dict]:
                 ],
             ),
             "ddp_step": _ddp_case(gen, [3, 5]),
+            # linear + cross-entropy, V = 23 split 12 + 11, 10 rows in chunks of 4 (the last one short)
+            "lce_vocab_parallel": _lce_case(gen, [12, 11], 10),
+            # the module; the default chunk size, from the whole V on both ranks of an uneven split
+            "lce_module_default_chunks": _lce_case(gen, [3, 8], 9, chunk_size=None, api="module"),
+            "lce_ddp": _lce_data_parallel_case(gen, "ddp", [5, 3]),
+            "lce_fsdp2": _lce_data_parallel_case(gen, "fsdp2", [4, 6]),
         }
     return {
         "bn_2d_one_row_per_rank": _bn_case(
@@ -542,6 +633,8 @@ def _scenarios(world: int) -> dict[str, dict]:
             _bn_case(gen, f64, 3, None, [[3, 2], [0, 4]], [1, 1], activation="tanh"), group=[0, 2]
         ),
         "ddp_step_empty_rank": _ddp_case(gen, [3, 0, 5]),
+        # linear + cross-entropy with a rank holding no rows of the head, chunk size 1
+        "lce_empty_shard": _lce_case(gen, [5, 0, 4], 6, chunk_size=1),
     }
 
 
@@ -746,3 +839,36 @@ def test_cross_entropy_process_group_routes_to_vocab_parallel(one_rank_group):
         fused_ops.cross_entropy(logits, logits.softmax(1).detach(), process_group=one_rank_group)
     with pytest.raises(IndexError, match="outside"):
         fused_ops.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 4, 27]), process_group=one_rank_group)
+
+
+def test_linear_cross_entropy_process_group_routes_to_vocab_parallel(one_rank_group):
+    """linear_cross_entropy(..., process_group=pg) shards the head over pg (one rank: all of it), matches
+    F.linear + F.cross_entropy, and refuses what sharding cannot do, naming the argument."""
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 13, (7,))
+    target[2] = -100
+    options = {"weight": torch.rand(13, dtype=torch.float64) + 0.1, "label_smoothing": 0.1}
+    ours = fused_ops.linear_cross_entropy(x, w, target, process_group=one_rank_group, chunk_size=3, **options)
+    theirs = F.cross_entropy(F.linear(x, w), target, **options)
+    torch.testing.assert_close(ours, theirs)
+    for got, expected in zip(
+        torch.autograd.grad(ours, (x, w)), torch.autograd.grad(theirs, (x, w)), strict=True
+    ):
+        torch.testing.assert_close(got, expected)
+
+    with pytest.raises(ValueError, match="linear_cross_entropy: z_loss and softcap"):
+        fused_ops.linear_cross_entropy(x, w, target, process_group=one_rank_group, z_loss=1e-3)
+    with pytest.raises(TypeError, match="linear_cross_entropy: process_group must be"):
+        fused_ops.linear_cross_entropy(x, w, target, process_group="world")
+    probabilities = torch.softmax(torch.randn(7, 13, dtype=torch.float64), 1)
+    with pytest.raises(
+        TypeError, match="vocab_parallel_linear_cross_entropy: target must hold class indices"
+    ):
+        fused_ops.linear_cross_entropy(x, w, probabilities, process_group=one_rank_group)
+    with pytest.raises(IndexError, match="vocab_parallel_linear_cross_entropy: target holds 13"):
+        fused_ops.linear_cross_entropy(x, w, torch.full((7,), 13), process_group=one_rank_group)
+    with pytest.raises(
+        ValueError, match="vocab_parallel_linear_cross_entropy: linear_weight must have shape"
+    ):
+        fused_ops.linear_cross_entropy(x, w[:, :4], target, process_group=one_rank_group)

@@ -1,4 +1,6 @@
-"""Vocab-parallel cross-entropy: logits sharded along the class dimension across a process group.
+"""Vocab-parallel cross-entropy: logits sharded along the class dimension across a process group; and
+vocab-parallel linear + cross-entropy (`vocab_parallel_linear_cross_entropy`, at the end), whose head
+is sharded the same way.
 
 Shapes: logits_shard (N, C_r), (N, C_r, d1, ..., dK) or (C_r,) on rank r, holding the classes
 [offset_r, offset_r + C_r) of C = sum_r C_r; the slices are contiguous, in rank order, and may be
@@ -35,6 +37,8 @@ from fused_ops.distributed.collectives import (
     is_distributed,
     rank,
 )
+from fused_ops.linear_cross_entropy import VocabShard, _apply, default_chunk_size
+from fused_ops.linear_cross_entropy import _check_args as _check_linear_args
 
 
 def _class_offset(width: int, device: torch.device, process_group, distributed: bool):
@@ -207,3 +211,119 @@ def vocab_parallel_cross_entropy(
     if reduction == "none":
         return loss.reshape(target.shape)
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear + cross-entropy over a vocab-sharded head: fused_ops.linear_cross_entropy's chunks, each
+# chunk's cross-entropy the Function above.
+# ----------------------------------------------------------------------------------------------------
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    process_group: dist.ProcessGroup | None = None,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """`fused_ops.linear_cross_entropy` with the head sharded along the vocabulary across `process_group`.
+
+    input: (*, H) and target: (*) class indices in [0, V), the same on every rank. linear_weight_shard:
+    (V_r, H), this rank's contiguous slice of the V rows, in rank order (slices may be uneven, V_r = 0
+    included); linear_bias and weight: this rank's (V_r,) slices, or None.
+    Returns the loss on every rank (() or (*) for "none"); input's gradient is the full one on every
+    rank, and each rank's linear_weight_shard / linear_bias gradient is its slice of the full one.
+    Every rank of the group must call it (and backward) together.
+
+    Per chunk of rows, the logits shard (R, V_r) goes through `VocabParallelCrossEntropyFunction`
+    (one all_gather, two all_reduce), dW_r += G_r.T @ x_c stays local, and dX = sum_r G_r @ W_r takes
+    one all_reduce of (M, H) per call. "mean" with class weights adds one all_reduce of (M,) for its
+    denominator. The stored gradients and the recomputing "none" backward are linear_cross_entropy's;
+    so is the default chunk size, from the whole V so that every rank runs as many chunks: reading V
+    on the host is a sync on CUDA, which passing chunk_size avoids. Index targets only; no z_loss or
+    softcap.
+    """
+    op = "vocab_parallel_linear_cross_entropy"
+    _check_linear_args(
+        input,
+        linear_weight_shard,
+        target,
+        linear_bias,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        chunk_size,
+        op=op,
+        sharded=True,
+    )
+    distributed = is_distributed(process_group)
+    width = linear_weight_shard.shape[0]
+    offset, num_classes = _class_offset(width, input.device, process_group, distributed)
+    if validate or target.device.type == "cpu":  # as vocab_parallel_cross_entropy: free on CPU
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        if bad.any():
+            raise IndexError(
+                f"{op}: target holds {int(target[bad][0])}, outside [0, {int(num_classes)}) and not "
+                f"ignore_index={ignore_index}"
+            )
+
+    def loss_and_grad(logits, target, weight, need_grad, call):
+        # d(sum of the chunk's row losses)/d(logits shard), through the Function's own backward
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_(need_grad)
+            loss = VocabParallelCrossEntropyFunction.apply(
+                leaf,
+                target.long(),
+                weight,
+                call.ignore_index,
+                "none",
+                call.label_smoothing,
+                process_group,
+                False,
+            )
+            grad = torch.autograd.grad(loss, leaf, torch.ones_like(loss))[0] if need_grad else None
+        return loss.detach(), grad
+
+    def target_weights(target, weight, ignore_index, dtype):
+        active = target != ignore_index
+        if weight is None:
+            return active.to(dtype)
+        local = target - offset
+        owned = active & (local >= 0) & (local < width)  # this rank holds w[y_i]
+        w_y = (
+            torch.where(owned, weight.to(dtype).take(local.clamp(0, width - 1)), 0.0)
+            if width > 0
+            else torch.zeros(target.shape, dtype=dtype, device=target.device)
+        )
+        return all_reduce_sum(w_y, process_group) if distributed else w_y
+
+    def all_reduce(tensor):
+        if distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+        return tensor
+
+    if chunk_size is None:  # from the whole V, so that every rank runs as many chunks (one host read)
+        chunk_size = default_chunk_size(input.shape[:-1].numel(), int(num_classes), input.dtype, input.device)
+    shard = VocabShard(loss_and_grad=loss_and_grad, target_weights=target_weights, all_reduce=all_reduce)
+    return _apply(
+        input,
+        linear_weight_shard,
+        target,
+        linear_bias,
+        weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=0.0,
+        softcap=None,
+        chunk_size=chunk_size,
+        validate=validate,
+        loss_dtype=input.dtype,
+        shard=shard,
+    )
