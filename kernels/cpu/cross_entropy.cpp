@@ -1,0 +1,753 @@
+// Native CPU cross-entropy: the kernel, the ops that run it, and its autograd.
+//
+// Shapes: input (C,), (N, C) or (N, C, d1, ..., dK) logits; target class indices of shape (), (N,) or
+// (N, d1, ..., dK) (int64, int32 or uint8), or class probabilities with input's shape and dtype;
+// weight (C,) or none. Every call works on M rows of C logits, class dim last.
+//
+// The math (fused_ops/cross_entropy.py has the derivation): with q the weighted, smoothed target
+// distribution of a row, loss_i = -sum_c q_ic * logp_ic and
+//     d(loss_i)/d(z_ic) = softmax_ic * sum_c q_ic - q_ic,
+// times the reduction scale s ("mean": 1 / sum_i w[y_i] over non-ignored rows, or 1 / M for
+// probability targets; else 1). z_loss adds z_loss * lse_i^2 per counted row (its gradient
+// 2 * z_loss * lse_i * softmax_ic folds into sum_q); softcap runs all of it on
+// z = softcap * tanh(x / softcap) and chains dx = dz * (1 - tanh^2).
+//
+// One pass per row: the forward writes the loss and, when asked, the gradient for a unit upstream
+// gradient; the backward only scales it by grad_output (nothing at all when grad_output == 1).
+// Statistics accumulate in float32 (float64 for float64 logits) and the gradient is rounded once.
+// Rows are split among threads with at::parallel_for; a row's arithmetic is the same on every thread
+// and the reductions over rows run serially in row order, so results do not depend on the thread count.
+//
+// Registered ops (namespace fused_ops; fake kernels in cross_entropy.py beside this file):
+//   cross_entropy(...) -> Tensor                   the loss; differentiable (the Autograd kernel below)
+//   cross_entropy_fwd(...) -> (Tensor, Tensor)     the loss and d(loss)/d(input) for grad_output = 1
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace fused_ops {
+namespace {
+
+using at::Tensor;
+namespace vec = at::vec;
+
+constexpr int64_t kReductionNone = 0;  // at::Reduction::None, Mean, Sum
+constexpr int64_t kReductionMean = 1;
+constexpr int64_t kReductionSum = 2;
+
+// ----------------------------------------------------------------------------------------------------
+// Row helpers on acc_t (float, or double for double logits).
+// ----------------------------------------------------------------------------------------------------
+
+// src[0, n) as acc_t: src itself when it already is, else converted into buf.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    using bVec = vec::Vectorized<scalar_t>;
+    using fVec = vec::Vectorized<float>;
+    int64_t c = 0;
+    for (; c + bVec::size() <= n; c += bVec::size()) {
+      auto [lo, hi] = vec::convert_to_float<scalar_t>(bVec::loadu(src + c));
+      lo.store(buf + c);
+      hi.store(buf + c + fVec::size());
+    }
+    for (; c < n; ++c) {
+      buf[c] = static_cast<float>(src[c]);
+    }
+    return buf;
+  }
+}
+
+// exp(d) for d = z - max <= 0. On long rows ATen's exp_u20 (within 20 ulp; ATen's CPU flash attention
+// uses it for its softmax) costs half of exp() and makes the pass memory-bound instead of exp-bound.
+// Short rows (C < kFastExpMinClasses, e.g. makemore's 27) keep the 1-ulp exp(), as torch's
+// log_softmax: their time is the call, not the exp, and their loss stays within an ulp of torch's.
+// exp_u20 does not propagate nan, so a row whose max is not finite (a nan or +inf logit: the row is
+// nan, as in torch; or all -inf) takes exp() too.
+constexpr int64_t kFastExpMinClasses = 1024;
+
+template <typename acc_t>
+vec::Vectorized<acc_t> exp_shifted(const vec::Vectorized<acc_t>& d, bool fast) {
+  return fast ? d.exp_u20() : d.exp();
+}
+
+template <typename acc_t>
+acc_t vec_sum(const vec::Vectorized<acc_t>& v) {
+  return vec::vec_reduce_all<acc_t>([](auto& a, auto& b) { return a + b; }, v);
+}
+
+// What a row needs besides its logits; the same for every row of a call.
+template <typename acc_t>
+struct RowConstants {
+  int64_t C;
+  const acc_t* weight;  // (C,) class weights, or nullptr (all 1)
+  acc_t weight_total;   // sum_c w_c (C without weights)
+  acc_t eps;            // label smoothing
+  acc_t z_loss;
+  acc_t softcap;  // 0: off
+};
+
+// What one row's pass over its logits gives.
+template <typename acc_t>
+struct RowStats {
+  acc_t loss;    // the row's loss, before the reduction scale
+  acc_t sum_q;   // sum_c q_ic (+ 2 * z_loss * lse_i): the softmax factor of the gradient
+  acc_t inv_s;   // 1 / sum_c exp(z_ic - max_i)
+};
+
+// One row of index-target cross-entropy. z: the row's (soft-capped) logits as acc_t; y: its target
+// class, w_y: w[y] (the row is not ignored: ignored rows never get here, so whatever they hold, nan or
+// inf, cannot reach the loss or the gradient). When e is not null, e[c] = exp(z_c - max) is stored
+// there for the gradient pass (which then needs no second exp).
+//
+// Byte model: z is read from memory once (the row is then in L1/L2 for the passes below).
+//   pass 1: m = max_c z_c
+//   pass 2: s = sum_c exp(z_c - m);  with smoothing also sum_c w_c (m - z_c) >= 0
+//   loss_i = (1 - eps) w_y (lse - z_y) + eps / C * sum_c w_c (lse - z_c) + z_loss * lse^2,
+//   lse - z_c = log(s) + (m - z_c): every term is >= 0, so nothing cancels (lse * W - sum w_c z_c would).
+template <typename acc_t>
+RowStats<acc_t> index_row(const acc_t* z, acc_t* e, int64_t y, acc_t w_y, const RowConstants<acc_t>& k) {
+  using Vec = vec::Vectorized<acc_t>;
+  const int64_t C = k.C;
+  const acc_t m = vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); }, z, C);
+  const Vec vm(m);
+  const bool fast = k.C >= kFastExpMinClasses && std::isfinite(m);
+  const bool smooth = k.eps > 0;
+  Vec vs(0), vsmooth(0);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    const Vec d = Vec::loadu(z + c) - vm;  // z_c - m <= 0
+    const Vec ex = exp_shifted(d, fast);
+    vs += ex;
+    if (e != nullptr) ex.store(e + c);
+    if (smooth) vsmooth = k.weight ? vec::fmadd(Vec::loadu(k.weight + c), vm - Vec::loadu(z + c), vsmooth)
+                                   : vsmooth - d;
+  }
+  if (c < C) {
+    const int64_t n = C - c;
+    const Vec d = Vec::loadu(z + c, n) - vm;
+    const Vec ex = Vec::set(Vec(0), exp_shifted(d, fast), n);
+    vs += ex;
+    if (e != nullptr) ex.store(e + c, n);
+    if (smooth) {
+      const Vec term = k.weight ? Vec::loadu(k.weight + c, n) * (vm - Vec::loadu(z + c, n)) : Vec(0) - d;
+      vsmooth += Vec::set(Vec(0), term, n);
+    }
+  }
+  const acc_t s = vec_sum(vs);
+  const acc_t log_s = std::log(s);
+  const acc_t lse = m + log_s;
+  const acc_t nll = (m - z[y]) + log_s;  // -logp_iy
+  acc_t loss = smooth ? (1 - k.eps) * w_y * nll : w_y * nll;
+  acc_t sum_q = smooth ? (1 - k.eps) * w_y : w_y;
+  if (smooth) {  // torch adds the smoothing term only for eps > 0 (a -inf logit is finite at eps = 0)
+    loss += k.eps / k.C * (k.weight_total * log_s + vec_sum(vsmooth));
+    sum_q += k.eps / k.C * k.weight_total;
+  }
+  if (k.z_loss != 0) {  // skipped at 0: the default results stay bit for bit those without the option
+    loss += k.z_loss * lse * lse;
+    sum_q += 2 * k.z_loss * lse;  // d(z_loss * lse^2)/dz_c = 2 * z_loss * lse * softmax_c
+  }
+  return {loss, sum_q, 1 / s};
+}
+
+// One row of probability-target cross-entropy, q_c = w_c ((1 - eps) p_c + eps / C):
+//   loss_i = sum_c q_c (lse - z_c) = sum_q * log(s) + sum_c q_c (m - z_c)  (+ z_loss * lse^2).
+// Byte model: z and p are each read from memory once.
+template <typename acc_t>
+RowStats<acc_t> prob_row(const acc_t* z, const acc_t* p, acc_t* e, const RowConstants<acc_t>& k) {
+  using Vec = vec::Vectorized<acc_t>;
+  const int64_t C = k.C;
+  const acc_t m = vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); }, z, C);
+  const Vec vm(m), keep(1 - k.eps), spread(k.eps / C);
+  const bool fast = k.C >= kFastExpMinClasses && std::isfinite(m);
+  Vec vs(0), vq(0), vqz(0);
+  int64_t c = 0;
+  for (; c < C; c += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+    const Vec zc = n == Vec::size() ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
+    const Vec pc = n == Vec::size() ? Vec::loadu(p + c) : Vec::loadu(p + c, n);
+    Vec q = vec::fmadd(keep, pc, spread);  // (1 - eps) p_c + eps / C
+    if (k.weight) q = q * (n == Vec::size() ? Vec::loadu(k.weight + c) : Vec::loadu(k.weight + c, n));
+    Vec ex = exp_shifted<acc_t>(zc - vm, fast);
+    if (n < Vec::size()) {
+      ex = Vec::set(Vec(0), ex, n);
+      q = Vec::set(Vec(0), q, n);
+    }
+    vs += ex;
+    vq += q;
+    vqz = vec::fmadd(q, vm - zc, vqz);  // padding lanes: 0 * (m - 0), finite unless m is not
+    if (e != nullptr) {
+      if (n == Vec::size()) ex.store(e + c); else ex.store(e + c, n);
+    }
+  }
+  const acc_t s = vec_sum(vs);
+  const acc_t log_s = std::log(s);
+  const acc_t lse = m + log_s;
+  acc_t sum_q = vec_sum(vq);
+  acc_t loss = sum_q * log_s + vec_sum(vqz);
+  if (k.z_loss != 0) {
+    loss += k.z_loss * lse * lse;
+    sum_q += 2 * k.z_loss * lse;
+  }
+  return {loss, sum_q, 1 / s};
+}
+
+// The gradient of one row, in place over e (which holds exp(z_c - m) from the row pass):
+//   g_c = (softmax_c * sum_q - q_c) * scale = e_c * (sum_q / s * scale) - q_c * scale,
+// q_c = eps / C * w_c for index targets (the target class is fixed up by the caller), and
+// w_c ((1 - eps) p_c + eps / C) for probability targets; softcap: g_c *= (1 - t_c)(1 + t_c).
+// Byte model: e (and p, t) are in cache; the row of the gradient is written once.
+template <typename acc_t>
+void grad_row(acc_t* e, const acc_t* p, const acc_t* t, const RowStats<acc_t>& r, acc_t scale,
+              const RowConstants<acc_t>& k) {
+  using Vec = vec::Vectorized<acc_t>;
+  const int64_t C = k.C;
+  const Vec a(r.sum_q * r.inv_s * scale), keep(1 - k.eps), spread(k.eps / C), vscale(scale);
+  const bool has_q = p != nullptr || k.eps > 0;
+  for (int64_t c = 0; c < C; c += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), C - c);
+    auto load = [n](const acc_t* ptr) { return n == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, n); };
+    Vec g = load(e + c) * a;
+    if (has_q) {
+      Vec q = p != nullptr ? vec::fmadd(keep, load(p + c), spread) : spread;
+      if (k.weight) q = q * load(k.weight + c);
+      g = g - q * vscale;
+    }
+    if (t != nullptr) {
+      const Vec tc = load(t + c);
+      g = g * ((Vec(1) - tc) * (Vec(1) + tc));  // dx = dz * (1 - tanh^2)
+    }
+    if (n == Vec::size()) g.store(e + c); else g.store(e + c, n);
+  }
+}
+
+// z = softcap * tanh(x / softcap) into z, tanh(x / softcap) into t.
+template <typename acc_t>
+void soft_cap_row(const acc_t* x, acc_t* z, acc_t* t, const RowConstants<acc_t>& k) {
+  using Vec = vec::Vectorized<acc_t>;
+  const Vec cap(k.softcap);
+  for (int64_t c = 0; c < k.C; c += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), k.C - c);
+    const Vec tc = ((n == Vec::size() ? Vec::loadu(x + c) : Vec::loadu(x + c, n)) / cap).tanh();
+    const Vec zc = tc * cap;
+    if (n == Vec::size()) {
+      tc.store(t + c);
+      zc.store(z + c);
+    } else {
+      tc.store(t + c, n);
+      zc.store(z + c, n);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The kernel: every row, then the reduction.
+// ----------------------------------------------------------------------------------------------------
+struct Options {
+  int64_t ignore_index;
+  int64_t reduction;
+  double label_smoothing;
+  double z_loss;
+  std::optional<double> softcap;
+};
+
+// Rows: x (M, C) logits with row stride stride_xm and unit column stride; p (M, C) probability
+// targets (stride_pm), or nullptr for index targets y (M,) with w_y (M,) = w[y_i] (0 if ignored);
+// weight (C,) acc_t or nullptr. Writes row_loss (M,) and, when g is not null, g (M, C) contiguous.
+template <typename scalar_t>
+void cross_entropy_fwd_kernel(const scalar_t* x, int64_t stride_xm, const scalar_t* p_base,
+                              int64_t stride_pm, const int64_t* y, const at::opmath_type<scalar_t>* w_y,
+                              const at::opmath_type<scalar_t>* weight, int64_t M, int64_t C,
+                              const Options& opt, at::opmath_type<scalar_t> scale,
+                              at::opmath_type<scalar_t>* row_loss, scalar_t* g_base) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for float/bfloat16/half, double for double
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const bool index = p_base == nullptr;
+  RowConstants<acc_t> k{C, weight, static_cast<acc_t>(C), static_cast<acc_t>(opt.label_smoothing),
+                        static_cast<acc_t>(opt.z_loss), static_cast<acc_t>(opt.softcap.value_or(0.0))};
+  if (weight != nullptr) {
+    k.weight_total = 0;
+    for (int64_t c = 0; c < C; ++c) k.weight_total += weight[c];  // fixed order
+  }
+  const bool softcap = opt.softcap.has_value();
+
+  // A few hundred KB of rows per task: (32, 27) runs inline, a (4096, 32000) call splits by rows.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    // Per-task scratch rows, in cache: converted logits and targets, tanh, and (for half/bfloat16 or
+    // softcap) the float gradient before its single rounding.
+    const bool need_z = !kSameType || softcap;
+    std::unique_ptr<acc_t[]> z_buf(need_z ? new acc_t[C] : nullptr);
+    std::unique_ptr<acc_t[]> t_buf(softcap ? new acc_t[C] : nullptr);
+    std::unique_ptr<acc_t[]> p_buf(!index && !kSameType ? new acc_t[C] : nullptr);
+    std::unique_ptr<acc_t[]> e_buf(g_base != nullptr && !kSameType ? new acc_t[C] : nullptr);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* g_row = g_base != nullptr ? g_base + i * C : nullptr;
+      if (index && y[i] == opt.ignore_index) {  // ignored: contributes exactly nothing, whatever it holds
+        row_loss[i] = 0;
+        if (g_row != nullptr) std::fill_n(g_row, C, scalar_t(0));
+        continue;
+      }
+      const acc_t* z = as_acc<scalar_t, acc_t>(x + i * stride_xm, z_buf.get(), C);
+      if (softcap) {
+        soft_cap_row<acc_t>(z, z_buf.get(), t_buf.get(), k);
+        z = z_buf.get();
+      }
+      acc_t* e = nullptr;  // exp(z - m), then the gradient, in acc_t
+      if (g_row != nullptr) {
+        if constexpr (kSameType) e = g_row; else e = e_buf.get();
+      }
+      const acc_t* p = index ? nullptr : as_acc<scalar_t, acc_t>(p_base + i * stride_pm, p_buf.get(), C);
+      const RowStats<acc_t> r = index ? index_row<acc_t>(z, e, y[i], w_y[i], k) : prob_row<acc_t>(z, p, e, k);
+      row_loss[i] = r.loss;
+      if (e == nullptr) continue;
+      const acc_t e_y = index ? e[y[i]] : acc_t(0);
+      grad_row<acc_t>(e, p, t_buf.get(), r, scale, k);
+      if (index) {  // the target class, in one expression: (softmax_y * sum_q - q_y) * scale, with
+        // q_y = (1 - eps) w_y + eps / C * w_y (w_y = w[y]), times softcap's chain factor
+        const acc_t q_y = (1 - k.eps) * w_y[i] + k.eps / C * w_y[i];
+        acc_t g_y = (e_y * r.inv_s * r.sum_q - q_y) * scale;
+        if (softcap) g_y *= (1 - t_buf[y[i]]) * (1 + t_buf[y[i]]);
+        e[y[i]] = g_y;
+      }
+      if constexpr (!kSameType) {
+        vec::convert(e, g_row, C);  // the float gradient, rounded once
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Argument checks: the messages of fused_ops/cross_entropy.py's _check_args, for calls of the ops that
+// do not come through fused_ops.cross_entropy (opcheck, torch.ops.fused_ops.* directly). Nothing is
+// written before they pass.
+// ----------------------------------------------------------------------------------------------------
+int64_t check_args(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                   const Options& opt) {
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "cross_entropy: input must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(input.dim() > 0, "cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), "
+                    "got a 0-dim tensor");
+  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  TORCH_CHECK_VALUE(C > 0, "cross_entropy: input has no classes (C = 0), shape ", input.sizes());
+  TORCH_CHECK_VALUE(opt.reduction >= kReductionNone && opt.reduction <= kReductionSum,
+                    "cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", opt.reduction);
+  TORCH_CHECK_VALUE(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0,
+                    "cross_entropy: label_smoothing must be in [0, 1], got ", opt.label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(opt.z_loss) && opt.z_loss >= 0.0,
+                    "cross_entropy: z_loss must be a finite float >= 0, got ", opt.z_loss);
+  TORCH_CHECK_VALUE(!opt.softcap.has_value() || (std::isfinite(*opt.softcap) && *opt.softcap > 0.0),
+                    "cross_entropy: softcap must be a finite float > 0 or None, got ", opt.softcap.value_or(0.0));
+  TORCH_CHECK_VALUE(input.device().is_cpu(), "cross_entropy: the native kernels take CPU tensors, got input on ",
+                    input.device());
+  TORCH_CHECK_VALUE(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
+                    " but input is on ", input.device(), "; all tensors must be on the same device");
+  if (target.is_floating_point()) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "cross_entropy: a probability target (float dtype) must ",
+                      "have the input's shape ", input.sizes(), ", got target of shape ", target.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == dtype, "cross_entropy: a probability target must have the input's "
+                     "dtype ", dtype, ", got ", target.scalar_type());
+    TORCH_CHECK_VALUE(opt.ignore_index < 0, "cross_entropy: ignore_index=", opt.ignore_index,
+                      " is not supported for probability targets (float dtype); leave it at a negative value "
+                      "such as the default -100");
+  } else {
+    const auto t = target.scalar_type();
+    TORCH_CHECK_TYPE(t == at::kLong || t == at::kInt || t == at::kByte, "cross_entropy: target must hold class "
+                     "indices (int64, int32 or uint8) or class probabilities (the input's float dtype), got ", t);
+    std::vector<int64_t> expected;
+    if (input.dim() > 1) {
+      expected.push_back(input.size(0));
+      for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+    }
+    TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), "cross_entropy: for input of shape ",
+                      input.sizes(), " an index target must have shape ", at::IntArrayRef(expected), ", got ",
+                      target.sizes());
+  }
+  if (weight.has_value()) {
+    const Tensor& w = *weight;
+    TORCH_CHECK_TYPE(w.is_floating_point(), "cross_entropy: weight must be a float tensor, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == C, "cross_entropy: weight must have shape (C,) = (", C,
+                      ",), like input's class dimension, got ", w.sizes());
+    TORCH_CHECK_VALUE(w.device() == input.device(), "cross_entropy: weight is on ", w.device(),
+                      " but input is on ", input.device(), "; all tensors must be on the same device");
+  }
+  return C;
+}
+
+// (M, C) rows of x with unit column stride: x itself where it already is (no copy, no dispatch),
+// else a copy, class dim last. Returns (data tensor, row stride).
+std::pair<Tensor, int64_t> as_rows(const Tensor& x, int64_t C) {
+  if (x.dim() == 1) {
+    Tensor rows = x.stride(0) == 1 || C == 1 ? x : x.contiguous();
+    return {rows, C};
+  }
+  if (x.dim() == 2) {
+    Tensor rows = x.stride(1) == 1 || C == 1 ? x : x.contiguous();
+    return {rows, rows.size(0) <= 1 ? C : rows.stride(0)};
+  }
+  return {x.movedim(1, -1).contiguous(), C};
+}
+
+// The gradient's memory. A fresh (4096, 32000) float32 buffer costs more in page faults (the kernel
+// maps and zeroes 128k pages on first touch: ~0.2 s here) than the whole cross-entropy pass, and a
+// training loop allocates one every step. So buffers of 1 MiB and more come from this allocator: it
+// keeps the most recently freed one (one, not a pool) and hands it to the next request of the same
+// size, pages already mapped; a request of another size frees it. New buffers are 2 MiB aligned and
+// advised as transparent huge pages (Linux), 512 times fewer faults when they are first touched.
+// Memory held beyond what the caller holds: at most that one freed buffer.
+class GradientAllocator final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 20;
+  static constexpr size_t kAlign = size_t(2) << 20;
+
+  c10::DataPtr allocate(size_t bytes) override {
+    Block* block = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ != nullptr && cached_->bytes == bytes) std::swap(block, cached_);
+    }
+    if (block == nullptr) block = new Block{fresh(bytes), bytes};
+    return {block->data, block, &release, c10::Device(c10::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static GradientAllocator& get() {
+    static GradientAllocator* allocator = new GradientAllocator();  // never destroyed: freed at exit
+    return *allocator;
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+
+  static void* fresh(size_t bytes) {
+    void* data = nullptr;
+    TORCH_CHECK(posix_memalign(&data, kAlign, bytes) == 0, "cross_entropy: out of memory allocating ", bytes,
+                " bytes for the gradient");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, bytes, MADV_HUGEPAGE);  // a hint; ignored where transparent huge pages are off
+#endif
+    return data;
+  }
+
+  static void release(void* context) {  // the DataPtr's deleter: runs when the last tensor lets go
+    Block* block = static_cast<Block*>(context);
+    GradientAllocator& self = get();
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      std::swap(block, self.cached_);  // keep this one, free the one kept before (if any)
+    }
+    if (block != nullptr) {
+      std::free(block->data);
+      delete block;
+    }
+  }
+
+  std::mutex mutex_;
+  Block* cached_ = nullptr;
+};
+
+// An empty tensor of input's shape whose memory is M contiguous rows of C, class dim last: contiguous
+// for (C,) and (N, C); for (N, C, d...), (N, d..., C) memory seen as (N, C, d...).
+Tensor empty_rows_like(const Tensor& input) {
+  std::vector<int64_t> shape{input.sizes().begin(), input.sizes().end()};
+  if (input.dim() > 2) {  // (N, C, d...) -> (N, d..., C)
+    shape.erase(shape.begin() + 1);
+    shape.push_back(input.size(1));
+  }
+  const size_t bytes = static_cast<size_t>(input.numel()) * input.element_size();
+  Tensor rows = bytes >= GradientAllocator::kMinBytes
+                    ? Tensor(at::detail::empty_generic(shape, &GradientAllocator::get(),
+                                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                       input.scalar_type(), std::nullopt))
+                    : at::empty(shape, input.options());
+  return input.dim() > 2 ? rows.movedim(-1, 1) : rows;
+}
+
+// The loss's shape for reduction "none": the target's batch shape.
+std::vector<int64_t> batch_shape(const Tensor& input) {
+  std::vector<int64_t> shape;
+  if (input.dim() > 1) {
+    shape.push_back(input.size(0));
+    for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  }
+  return shape;
+}
+
+// Index targets -> y (M,) int64 and w_y (M,) = w[y_i] (0 for ignored rows); returns sum_i w_y, the
+// "mean" denominator, summed in row order. A target outside [0, C) that is not ignore_index raises
+// IndexError (as torch on the CPU), before anything is written.
+template <typename acc_t>
+double target_pass(const Tensor& target, const acc_t* weight, int64_t C, int64_t ignore_index,
+                   std::vector<int64_t>& y, std::vector<acc_t>& w_y) {
+  const Tensor t = target.dim() <= 1 ? target : target.contiguous();
+  const int64_t M = t.numel();
+  const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
+  y.resize(M);
+  w_y.resize(M);
+  AT_DISPATCH_SWITCH(t.scalar_type(), "cross_entropy_target",
+      AT_DISPATCH_CASE(at::kLong, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; })
+      AT_DISPATCH_CASE(at::kInt, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; })
+      AT_DISPATCH_CASE(at::kByte, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; }));
+  double denom = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t yi = y[i];
+    if (yi == ignore_index) {
+      w_y[i] = 0;
+      continue;
+    }
+    TORCH_CHECK_INDEX(yi >= 0 && yi < C, "cross_entropy: target holds ", yi, ", outside [0, ", C,
+                      ") and not ignore_index=", ignore_index);
+    w_y[i] = weight != nullptr ? weight[yi] : acc_t(1);
+    denom += static_cast<double>(w_y[i]);
+  }
+  return denom;
+}
+
+// The forward: the loss, and d(loss)/d(input) for grad_output = 1 when with_grad (else undefined).
+std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                                   const Options& opt, std::optional<at::ScalarType> loss_dtype, bool with_grad) {
+  const int64_t C = check_args(input, target, weight, opt);
+  const bool index = !target.is_floating_point();
+  const auto [x, stride_xm] = as_rows(input, C);
+  const int64_t M = input.numel() / C;
+  Tensor prob;
+  int64_t stride_pm = 0;
+  if (!index) std::tie(prob, stride_pm) = as_rows(target, C);
+  Tensor grad = with_grad ? empty_rows_like(input) : Tensor();
+  const auto out_dtype = loss_dtype.value_or(input.scalar_type());
+  Tensor loss = at::empty(opt.reduction == kReductionNone ? batch_shape(input) : std::vector<int64_t>{},
+                          input.options().dtype(out_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor w = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : Tensor();
+    const acc_t* w_ptr = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    std::vector<int64_t> y;
+    std::vector<acc_t> w_y;
+    double denom = static_cast<double>(M);  // probability targets: "mean" divides by M
+    if (index) denom = target_pass<acc_t>(target, w_ptr, C, opt.ignore_index, y, w_y);
+    // The reduction scale; "mean" with a zero denominator gives nan, as torch (0 / 0 without smoothing).
+    double scale = 1.0;
+    if (opt.reduction == kReductionMean) {
+      scale = denom == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / denom;
+    }
+    std::vector<acc_t> row_loss(M);
+    cross_entropy_fwd_kernel<scalar_t>(
+        x.const_data_ptr<scalar_t>(), stride_xm, index ? nullptr : prob.const_data_ptr<scalar_t>(), stride_pm,
+        index ? y.data() : nullptr, index ? w_y.data() : nullptr, w_ptr, M, C, opt, static_cast<acc_t>(scale),
+        row_loss.data(), with_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "cross_entropy_loss", [&] {
+      scalar_t* out = loss.mutable_data_ptr<scalar_t>();
+      if (opt.reduction == kReductionNone) {
+        for (int64_t i = 0; i < M; ++i) out[i] = static_cast<scalar_t>(row_loss[i]);
+        return;
+      }
+      double total = 0;  // row order, in double: deterministic whatever the thread count
+      for (int64_t i = 0; i < M; ++i) total += static_cast<double>(row_loss[i]);
+      out[0] = static_cast<scalar_t>(opt.reduction == kReductionSum ? total : total * scale);
+    });
+  });
+  return {loss, grad};
+}
+
+Options options(int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                std::optional<double> softcap) {
+  return {ignore_index, reduction, label_smoothing, z_loss, softcap};
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The ops' CPU kernels.
+// ----------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                 int64_t reduction, double label_smoothing, double z_loss,
+                                                 std::optional<double> softcap,
+                                                 std::optional<at::ScalarType> loss_dtype) {
+  return forward(input, target, weight, options(ignore_index, reduction, label_smoothing, z_loss, softcap),
+                 loss_dtype, /*with_grad=*/true);
+}
+
+Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                         int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                         std::optional<double> softcap, std::optional<at::ScalarType> loss_dtype) {
+  return std::get<0>(forward(input, target, weight,
+                             options(ignore_index, reduction, label_smoothing, z_loss, softcap), loss_dtype,
+                             /*with_grad=*/false));
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Autograd, in C++: one node per call, and no Python on the way.
+// ----------------------------------------------------------------------------------------------------
+
+// True for a real CPU tensor that no tracer, transform or dispatch mode is watching: its values may be
+// read to skip work (never under torch.compile, make_fx, functionalization or torch.func).
+bool is_plain_cpu_tensor(const Tensor& t) {
+  const auto keys = t.key_set();
+  return t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage() &&
+         !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Functionalize) &&
+         !keys.has(c10::DispatchKey::FuncTorchBatched) && !keys.has(c10::DispatchKey::FuncTorchGradWrapper) &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Functionalize);
+}
+
+// grad_output == 1 everywhere (loss.backward() of a "mean"/"sum" loss, or of loss.sum() for "none").
+bool is_unit(const Tensor& grad_output) {
+  if (!is_plain_cpu_tensor(grad_output)) return false;
+  if (grad_output.numel() != 1) return grad_output.numel() > 0 && grad_output.eq(1).all().item<bool>();
+  bool unit = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_output.scalar_type(), "cross_entropy_unit", [&] {
+    unit = static_cast<double>(*grad_output.const_data_ptr<scalar_t>()) == 1.0;
+  });
+  return unit;
+}
+
+const auto& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_ops::cross_entropy_fwd", "")
+                             .typed<decltype(cross_entropy_fwd_cpu)>();
+  return op;
+}
+
+const auto& loss_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_ops::cross_entropy", "")
+                             .typed<decltype(cross_entropy_cpu)>();
+  return op;
+}
+
+// The autograd node of one call, written as ATen writes its own (VariableType's generated kernels):
+// a torch::autograd::Node holding the one saved tensor, the gradient for a unit grad_output (never the
+// logits). torch::autograd::Function would do as well, at twice the per-call cost (its context map,
+// output wrapping and input bookkeeping), which at makemore sizes is the whole cost of the op.
+//
+// backward(grad_output): where grad_output == 1 and the graph is not retained, the saved gradient
+// itself, handed over (no N x C pass at all: the node frees its reference before AccumulateGrad
+// runs, which then moves it into .grad); otherwise stored * grad_output, out of place, so that a
+// retained graph can run backward again. Double backward raises.
+struct CrossEntropyBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable grad_;
+
+  std::string name() const override { return "CrossEntropyBackward"; }
+  void release_variables() override { grad_.reset_data(); }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_outputs) override {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "cross_entropy: double backward (create_graph=True through cross_entropy) is not supported");
+    torch::autograd::variable_list grad_inputs(1);
+    const Tensor& grad_output = grad_outputs[0];
+    if (!grad_output.defined()) return grad_inputs;
+    Tensor grad = grad_.unpack();  // raises if a backward already freed it (without retain_graph)
+    if (!torch::autograd::get_current_graph_task_keep_graph() && is_unit(grad_output)) {
+      grad_inputs[0] = std::move(grad);
+      return grad_inputs;
+    }
+    // "none" over (N, C, d...): grad_output (N, d...) scales the class dim's rows
+    const Tensor scale = grad_output.dim() > 0 && grad.dim() > 1 ? grad_output.unsqueeze(1) : grad_output;
+    Tensor grad_input = grad * scale;  // dx = stored * grad_output
+    grad_inputs[0] = grad_input.scalar_type() == grad.scalar_type() ? grad_input : grad_input.to(grad.scalar_type());
+    return grad_inputs;
+  }
+};
+
+// torch 2.13 holds autograd nodes in c10::intrusive_ptr, torch 2.11 and 2.12 in std::shared_ptr.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename T>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<T>(new T());
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+// The Autograd kernel of fused_ops::cross_entropy. It runs fused_ops::cross_entropy_fwd through the
+// dispatcher, below autograd: the CPU kernel in eager mode, the fake kernel under torch.compile
+// (AOTAutograd then traces it, and the backward's aten ops, into its joint graph).
+Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                              int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                              std::optional<double> softcap, std::optional<at::ScalarType> loss_dtype) {
+  if (!(at::GradMode::is_enabled() && input.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // no node to record: the loss alone
+    return loss_op().call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                          loss_dtype);
+  }
+  TORCH_CHECK_VALUE(!target.requires_grad(), "cross_entropy: target requires grad, but gradients with respect "
+                    "to probability targets are not computed; pass target.detach()");
+  TORCH_CHECK_VALUE(!(weight.has_value() && weight->requires_grad()), "cross_entropy: weight requires grad, but "
+                    "gradients with respect to weight are not computed (torch's nll_loss refuses them too); pass "
+                    "weight.detach()");
+  Tensor loss, grad;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(loss, grad) = fwd_op().call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                         softcap, loss_dtype);
+  }
+  NodePtr node = make_node<CrossEntropyBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input));
+  torch::autograd::set_history(loss, node);
+  static_cast<CrossEntropyBackward*>(node.get())->grad_ = torch::autograd::SavedVariable(grad, /*is_output=*/false);
+  return loss;
+}
+
+}  // namespace
+}  // namespace fused_ops
+
+// ----------------------------------------------------------------------------------------------------
+// Registration. A fragment: the fused_ops namespace also holds ops defined in Python
+// (fused_ops::check_targets) and, later, the other native ops, one .cpp each.
+// ----------------------------------------------------------------------------------------------------
+TORCH_LIBRARY_FRAGMENT(fused_ops, m) {
+  m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+        "int reduction=1, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, "
+        "ScalarType? loss_dtype=None) -> Tensor");
+  m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+        "int reduction=1, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, "
+        "ScalarType? loss_dtype=None) -> (Tensor loss, Tensor grad)");
+}
+
+TORCH_LIBRARY_IMPL(fused_ops, CPU, m) {
+  m.impl("cross_entropy", &fused_ops::cross_entropy_cpu);
+  m.impl("cross_entropy_fwd", &fused_ops::cross_entropy_fwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_ops, Autograd, m) {
+  m.impl("cross_entropy", &fused_ops::cross_entropy_autograd);
+  // cross_entropy_fwd returns a gradient as data: not differentiable itself, and no warning about it
+  m.impl("cross_entropy_fwd", torch::CppFunction::makeFallthrough());
+}
