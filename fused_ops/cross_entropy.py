@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
+from fused_ops.backend import BackendUnavailableError, requested_backend, select
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
@@ -389,19 +389,19 @@ def _reduce(row_loss: torch.Tensor, reduction: str, denom: torch.Tensor | int | 
 # ----------------------------------------------------------------------------------------------------
 # Autograd.
 # ----------------------------------------------------------------------------------------------------
-def _runs_triton(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """The dispatch decision. float64 (gradcheck) runs the PyTorch path under "auto"; forcing
-    "triton" for it raises, as forcing triton anywhere it cannot run does."""
-    if not use_triton("cross_entropy", input, target, weight):
-        return False
-    if input.dtype in KERNEL_DTYPES:
-        return True
+def _select_backend(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> str:
+    """The dispatch decision: "triton", "native" or "torch" (fused_ops.backend.select). float64
+    (gradcheck) runs the PyTorch path under "auto" on CUDA; forcing "triton" for it raises, as forcing
+    triton anywhere it cannot run does. The native kernels take every input dtype."""
+    backend = select("cross_entropy", input, target, weight)
+    if backend != "triton" or input.dtype in KERNEL_DTYPES:
+        return backend
     if requested_backend() == "triton":
         raise BackendUnavailableError(
             f"cross_entropy: backend 'triton' was forced but the kernels take {KERNEL_DTYPES}, not "
             f"{input.dtype}; use backend 'torch' or 'auto' for {input.dtype}"
         )
-    return False
+    return "torch"
 
 
 class _Call(NamedTuple):
@@ -418,10 +418,17 @@ class _Call(NamedTuple):
     triton: bool  # run the Triton kernels (else the PyTorch path)
     loss_dtype: torch.dtype  # input's dtype, or float32 under autocast
     targets_in_range: bool  # index targets were checked to lie in [0, C) or equal ignore_index
+    native: bool = False  # run the native CPU kernels (fused_ops.kernels.cpu)
 
 
 def _kernels():
     from fused_ops.kernels.triton import cross_entropy as kernels  # lazily: only when Triton is chosen
+
+    return kernels
+
+
+def _native_kernels():
+    from fused_ops.kernels.cpu import cross_entropy as kernels  # loaded by backend.select already
 
     return kernels
 
@@ -458,6 +465,25 @@ def _forward(
             grad=grad,
             loss_dtype=call.loss_dtype,
         )
+    elif call.native:  # one pass over each row in C++: the loss, and the gradient when asked
+        kernels = _native_kernels()
+        args = (
+            rows,
+            target_rows,
+            weight,
+            call.ignore_index,
+            kernels.REDUCTIONS[call.reduction],
+            call.label_smoothing,
+            call.z_loss,
+            call.softcap,
+            call.loss_dtype,
+        )
+        if call.need_grad:
+            loss, grad = kernels.cross_entropy_fwd(*args)
+            if overwrite:
+                grad = rows.copy_(grad)
+        else:
+            loss, grad = kernels.cross_entropy(*args), None
     else:
         loss, grad = cross_entropy_reference(
             rows,
@@ -666,6 +692,22 @@ def cross_entropy(
     if autocast and target.dtype in KERNEL_DTYPES and target.dtype != input.dtype:
         input, target = input.float(), target.float()
     _check_args(input, target, weight, ignore_index, reduction, label_smoothing)
+    backend = _select_backend(input, target, weight)
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    if backend == "native" and not (need_grad and inplace_backward):
+        # One op, with its autograd node in C++: it checks the targets' range itself, and its backward
+        # hands the stored gradient over untouched when grad_output == 1.
+        return _native_kernels().cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            _native_kernels().REDUCTIONS[reduction],
+            float(label_smoothing),
+            float(z_loss),
+            None if softcap is None else float(softcap),
+            torch.float32 if autocast and input.dtype in HALF_DTYPES else None,
+        )
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     targets_in_range = not target.is_floating_point() and (validate or target.is_cpu)
     if targets_in_range:
@@ -673,7 +715,6 @@ def cross_entropy(
             target = checked_targets(target, num_classes, ignore_index)
         else:
             _check_target_range(target, num_classes, ignore_index)
-    need_grad = input.requires_grad and torch.is_grad_enabled()
     owner = input
     if need_grad and inplace_backward:
         if torch.compiler.is_compiling():
@@ -693,9 +734,10 @@ def cross_entropy(
         softcap=None if softcap is None else float(softcap),
         need_grad=need_grad,
         inplace=bool(inplace_backward),
-        triton=_runs_triton(input, target, weight),
+        triton=backend == "triton",
         loss_dtype=torch.float32 if autocast and input.dtype in HALF_DTYPES else input.dtype,
         targets_in_range=targets_in_range,
+        native=backend == "native",
     )
     if not need_grad:  # no autograd node to record: the forward alone, as the Function runs it
         with torch.no_grad():
