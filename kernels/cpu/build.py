@@ -1,4 +1,5 @@
-"""Build and load the native CPU kernels: every `.cpp` file in this folder, compiled into one library.
+"""Build and load the native CPU kernels: every `.cpp` file in this folder (with the `.h` files they
+share), compiled into one library.
 
 `load()` is called the first time a call runs the "native" backend (never at import). The first load
 on a machine compiles the sources with `torch.utils.cpp_extension` and ninja, printing two lines to
@@ -7,14 +8,14 @@ stderr: that it builds, and how long the build took. The library is cached in
     $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions)/fused_ops_cpu/<key>/
 
 where <key> names what the binary depends on: the Python and torch versions, the CPU capability it
-was compiled for, and a hash of the sources and flags. A later process with the same key loads the
+was compiled for, and a hash of the sources, headers and flags. A later process with the same key loads the
 cached library in milliseconds, without importing `torch.utils.cpp_extension`; a change to any of
 them builds a new one. Deleting the folder forces a rebuild.
 
 Loading the library registers its ops (`TORCH_LIBRARY_FRAGMENT(fused_ops, ...)` in each .cpp); then
 each op's module beside its .cpp (`cross_entropy.py` for `cross_entropy.cpp`) registers the fake
-kernels of its ops and names them. A new op is a new `<op>.cpp` and `<op>.py` pair: nothing here
-changes.
+kernels of its ops and names them. A new op is a new `<op>.cpp` and `<op>.py` pair (sharing
+common.h): nothing here changes.
 
 Vectorisation follows ATen: the sources are compiled for the CPU capability torch itself uses here
 (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2 or the portable DEFAULT), with ATen's
@@ -58,6 +59,11 @@ def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
+def headers() -> list[Path]:
+    """The headers the .cpp files share (common.h)."""
+    return sorted(SOURCE_DIR.glob("*.h"))
+
+
 def compiler() -> str | None:
     """The C++ compiler cpp_extension would run ($CXX, else c++), or None when there is none."""
     return shutil.which(os.environ.get("CXX", "c++"))
@@ -80,7 +86,7 @@ def cflags() -> list[str]:
 def build_directory() -> Path:
     """Where this build lives: a folder per (Python, torch, capability, sources and flags)."""
     digest = hashlib.sha256()
-    for path in sources():
+    for path in sources() + headers():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(" ".join(cflags()).encode())
     python = f"py{sys.version_info.major}{sys.version_info.minor}"

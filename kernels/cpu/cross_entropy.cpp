@@ -24,31 +24,25 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/csrc/autograd/function.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <tuple>
-#include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "common.h"
 
 namespace fused_ops {
 namespace {
@@ -345,6 +339,16 @@ void cross_entropy_fwd_kernel(const scalar_t* x, int64_t stride_xm, const scalar
   });
 }
 
+// The target's batch shape, and the loss's for reduction "none": input's without the class dim.
+c10::SmallVector<int64_t, 5> batch_shape(const Tensor& input) {
+  c10::SmallVector<int64_t, 5> shape;
+  if (input.dim() > 1) {
+    shape.push_back(input.size(0));
+    for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  }
+  return shape;
+}
+
 // ----------------------------------------------------------------------------------------------------
 // Argument checks: the messages of fused_ops/cross_entropy.py's _check_args, for calls of the ops that
 // do not come through fused_ops.cross_entropy (opcheck, torch.ops.fused_ops.* directly). Nothing is
@@ -383,10 +387,10 @@ int64_t check_args(const Tensor& input, const Tensor& target, const std::optiona
     const auto t = target.scalar_type();
     TORCH_CHECK_TYPE(t == at::kLong || t == at::kInt || t == at::kByte, "cross_entropy: target must hold class "
                      "indices (int64, int32 or uint8) or class probabilities (the input's float dtype), got ", t);
-    std::vector<int64_t> expected;
-    if (input.dim() > 1) {
-      expected.push_back(input.size(0));
-      for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+    const auto expected = batch_shape(input);
+    if (input.dim() > 1 && target.dim() >= 1) {
+      TORCH_CHECK_VALUE(target.size(0) == input.size(0), "cross_entropy: batch size mismatch: input has N=",
+                        input.size(0), ", target has ", target.size(0));
     }
     TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), "cross_entropy: for input of shape ",
                       input.sizes(), " an index target must have shape ", at::IntArrayRef(expected), ", got ",
@@ -417,103 +421,28 @@ std::pair<Tensor, int64_t> as_rows(const Tensor& x, int64_t C) {
   return {x.movedim(1, -1).contiguous(), C};
 }
 
-// The gradient's memory. A fresh (4096, 32000) float32 buffer costs more in page faults (the kernel
-// maps and zeroes 128k pages on first touch: ~0.2 s here) than the whole cross-entropy pass, and a
-// training loop allocates one every step. So buffers of 1 MiB and more come from this allocator: it
-// keeps the most recently freed one (one, not a pool) and hands it to the next request of the same
-// size, pages already mapped; a request of another size frees it. New buffers are 2 MiB aligned and
-// advised as transparent huge pages (Linux), 512 times fewer faults when they are first touched.
-// Memory held beyond what the caller holds: at most that one freed buffer.
-class GradientAllocator final : public c10::Allocator {
- public:
-  static constexpr size_t kMinBytes = size_t(1) << 20;
-  static constexpr size_t kAlign = size_t(2) << 20;
-
-  c10::DataPtr allocate(size_t bytes) override {
-    Block* block = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ != nullptr && cached_->bytes == bytes) std::swap(block, cached_);
-    }
-    if (block == nullptr) block = new Block{fresh(bytes), bytes};
-    return {block->data, block, &release, c10::Device(c10::kCPU)};
-  }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-
-  static GradientAllocator& get() {
-    static GradientAllocator* allocator = new GradientAllocator();  // never destroyed: freed at exit
-    return *allocator;
-  }
-
- private:
-  struct Block {
-    void* data;
-    size_t bytes;
-  };
-
-  static void* fresh(size_t bytes) {
-    void* data = nullptr;
-    TORCH_CHECK(posix_memalign(&data, kAlign, bytes) == 0, "cross_entropy: out of memory allocating ", bytes,
-                " bytes for the gradient");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data, bytes, MADV_HUGEPAGE);  // a hint; ignored where transparent huge pages are off
-#endif
-    return data;
-  }
-
-  static void release(void* context) {  // the DataPtr's deleter: runs when the last tensor lets go
-    Block* block = static_cast<Block*>(context);
-    GradientAllocator& self = get();
-    {
-      std::lock_guard<std::mutex> lock(self.mutex_);
-      std::swap(block, self.cached_);  // keep this one, free the one kept before (if any)
-    }
-    if (block != nullptr) {
-      std::free(block->data);
-      delete block;
-    }
-  }
-
-  std::mutex mutex_;
-  Block* cached_ = nullptr;
-};
-
 // An empty tensor of input's shape whose memory is M contiguous rows of C, class dim last: contiguous
-// for (C,) and (N, C); for (N, C, d...), (N, d..., C) memory seen as (N, C, d...).
+// for (C,) and (N, C); for (N, C, d...), (N, d..., C) memory seen as (N, C, d...). Gradients of 1 MiB
+// and more come from this op's ReusingAllocator (common.h): last step's buffer, pages mapped.
 Tensor empty_rows_like(const Tensor& input) {
-  std::vector<int64_t> shape{input.sizes().begin(), input.sizes().end()};
+  c10::SmallVector<int64_t, 5> shape{input.sizes().begin(), input.sizes().end()};
   if (input.dim() > 2) {  // (N, C, d...) -> (N, d..., C)
     shape.erase(shape.begin() + 1);
     shape.push_back(input.size(1));
   }
   const size_t bytes = static_cast<size_t>(input.numel()) * input.element_size();
-  Tensor rows = bytes >= GradientAllocator::kMinBytes
-                    ? Tensor(at::detail::empty_generic(shape, &GradientAllocator::get(),
-                                                       c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                       input.scalar_type(), std::nullopt))
-                    : at::empty(shape, input.options());
+  static ReusingAllocator* gradients = new ReusingAllocator();  // never destroyed: the process owns it
+  Tensor rows = bytes >= ReusingAllocator::kMinBytes ? empty_reusing(*gradients, shape, input.scalar_type())
+                                                      : Tensor(at::detail::empty_cpu(shape, input.scalar_type()));
   return input.dim() > 2 ? rows.movedim(-1, 1) : rows;
-}
-
-// The loss's shape for reduction "none": the target's batch shape.
-std::vector<int64_t> batch_shape(const Tensor& input) {
-  std::vector<int64_t> shape;
-  if (input.dim() > 1) {
-    shape.push_back(input.size(0));
-    for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
-  }
-  return shape;
 }
 
 // Index targets -> y (M,) int64 and w_y (M,) = w[y_i] (0 for ignored rows); returns sum_i w_y, the
 // "mean" denominator, summed in row order. A target outside [0, C) that is not ignore_index raises
 // IndexError (as torch on the CPU), before anything is written.
-template <typename acc_t>
-double target_pass(const Tensor& target, const acc_t* weight, int64_t C, int64_t ignore_index,
-                   std::vector<int64_t>& y, std::vector<acc_t>& w_y) {
+template <typename acc_t, typename Ints, typename Accs>
+double target_pass(const Tensor& target, const acc_t* weight, int64_t C, int64_t ignore_index, Ints& y,
+                   Accs& w_y) {
   const Tensor t = target.dim() <= 1 ? target : target.contiguous();
   const int64_t M = t.numel();
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
@@ -550,15 +479,20 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& target, co
   if (!index) std::tie(prob, stride_pm) = as_rows(target, C);
   Tensor grad = with_grad ? empty_rows_like(input) : Tensor();
   const auto out_dtype = loss_dtype.value_or(input.scalar_type());
-  Tensor loss = at::empty(opt.reduction == kReductionNone ? batch_shape(input) : std::vector<int64_t>{},
-                          input.options().dtype(out_dtype));
+  // at::detail::empty_cpu, not at::empty: this kernel only ever runs on CPU tensors, and the dispatcher
+  // round trip of at::empty is a tenth of a makemore-sized call
+  Tensor loss = at::detail::empty_cpu(opt.reduction == kReductionNone ? batch_shape(input)
+                                                                      : c10::SmallVector<int64_t, 5>{},
+                                      out_dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "cross_entropy_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Tensor w = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : Tensor();
+    constexpr auto kAcc = c10::CppTypeToScalarType<acc_t>::value;
+    Tensor w;
+    if (weight.has_value()) w = (weight->scalar_type() == kAcc ? *weight : weight->to(kAcc)).contiguous();
     const acc_t* w_ptr = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-    std::vector<int64_t> y;
-    std::vector<acc_t> w_y;
+    c10::SmallVector<int64_t, 128> y;  // per row: no heap allocation up to 128 rows
+    c10::SmallVector<acc_t, 128> w_y;
     double denom = static_cast<double>(M);  // probability targets: "mean" divides by M
     if (index) denom = target_pass<acc_t>(target, w_ptr, C, opt.ignore_index, y, w_y);
     // The reduction scale; "mean" with a zero denominator gives nan, as torch (0 / 0 without smoothing).
@@ -566,7 +500,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& target, co
     if (opt.reduction == kReductionMean) {
       scale = denom == 0 ? std::numeric_limits<double>::quiet_NaN() : 1.0 / denom;
     }
-    std::vector<acc_t> row_loss(M);
+    c10::SmallVector<acc_t, 128> row_loss(M);
     cross_entropy_fwd_kernel<scalar_t>(
         x.const_data_ptr<scalar_t>(), stride_xm, index ? nullptr : prob.const_data_ptr<scalar_t>(), stride_pm,
         index ? y.data() : nullptr, index ? w_y.data() : nullptr, w_ptr, M, C, opt, static_cast<acc_t>(scale),
@@ -683,18 +617,6 @@ struct CrossEntropyBackward final : public torch::autograd::Node {
     return grad_inputs;
   }
 };
-
-// torch 2.13 holds autograd nodes in c10::intrusive_ptr, torch 2.11 and 2.12 in std::shared_ptr.
-using NodePtr = decltype(torch::autograd::Edge::function);
-
-template <typename T>
-NodePtr make_node() {
-  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::shared_ptr<T>(new T());
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
 
 // The Autograd kernel of fused_ops::cross_entropy. It runs fused_ops::cross_entropy_fwd through the
 // dispatcher, below autograd: the CPU kernel in eager mode, the fake kernel under torch.compile
