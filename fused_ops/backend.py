@@ -10,7 +10,7 @@ Backends:
                native kernels and they build here; the PyTorch path otherwise.
 
 The choice comes from `use_backend(name)` when one is active, else from the environment variable
-`FUSED_OPS_BACKEND` (default "auto"). Forcing "triton" or "native" where it cannot run raises
+`FUSED_OPS_BACKEND` (default "auto"; read once per process, at the first call). Forcing "triton" or "native" where it cannot run raises
 `BackendUnavailableError` (for native, with the compiler's error); there is no silent fallback. Under
 "auto", native kernels that cannot be built (no compiler) give one warning, and the PyTorch path runs.
 """
@@ -31,7 +31,16 @@ BACKENDS = ("auto", "torch", "triton", "native")
 NATIVE_OPS = ("cross_entropy",)
 ENV_VAR = "FUSED_OPS_BACKEND"
 
-_local = threading.local()
+
+class _UseBackendStack(threading.local):
+    """Each thread's stack of `use_backend` names, innermost last (an attribute that always exists:
+    getattr with a default on a missing thread-local attribute raises and catches, ~0.7 us a call)."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_local = _UseBackendStack()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -49,8 +58,8 @@ def _check_name(name: str, source: str) -> str:
 # process settings that follow are marked `_constant_result`: dynamo calls them once while it traces
 # and bakes the answer into the graph instead of tracing os.environ and importlib (which older dynamo
 # versions cannot trace or guard). Triton's presence and TRITON_INTERPRET (read by triton at its
-# import) cannot change within a process anyway; $FUSED_OPS_BACKEND is read when a model is compiled,
-# so set it before compiling, or switch with `use_backend`, which is guarded.
+# import) cannot change within a process anyway, nor $FUSED_OPS_BACKEND (read once); switch backends
+# with `use_backend`, which is guarded.
 def _constant_result(fn):
     """`torch.compiler.assume_constant_result(fn)`, without its import of torch._dynamo, which costs
     ~1.8 s and imports triton (tests/test_imports.py checks that both mark `fn` alike)."""
@@ -58,15 +67,23 @@ def _constant_result(fn):
     return fn
 
 
+_env_choice: str | None = None  # $FUSED_OPS_BACKEND, once read
+
+
 @_constant_result
 def _env_backend() -> str:
-    """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty."""
-    return _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
+    """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty. Read once per process, at the first
+    call that asks: a lookup costs 1-2 us (os.environ raises and catches KeyError for an unset name),
+    a tenth of a makemore-sized call. Switch backends at run time with `use_backend`."""
+    global _env_choice
+    if _env_choice is None:
+        _env_choice = _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
+    return _env_choice
 
 
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else `$FUSED_OPS_BACKEND`, else "auto"."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     return _env_backend()
@@ -77,9 +94,7 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed calls with backend `name` ("auto", "torch", "triton" or "native"); nests,
     thread-local."""
     _check_name(name, "backend name")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield
