@@ -116,6 +116,115 @@ struct RowStats {
   acc_t inv_s;   // 1 / sum_c exp(z_ic - max_i)
 };
 
+// The row loops keep four independent accumulators: one would chain every vector's max or add to the
+// previous one's latency (perf: the max pass then took as long as the exp pass). Each pass is a
+// template on its options, so that the accumulators stay in registers; the accumulators are summed in a
+// fixed order, so a row's result is the same on every call.
+template <typename F>
+decltype(auto) dispatch_flag(bool flag, F&& f) {  // f(std::true_type) or f(std::false_type)
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <typename acc_t>
+acc_t row_max(const acc_t* z, int64_t C) {  // propagates nan, as torch's max
+  using Vec = vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  auto max = [](const Vec& a, const Vec& b) { return vec::maximum(a, b); };
+  if (C < V) {
+    return vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); }, Vec::loadu(z, C), C);
+  }
+  Vec m0 = Vec::loadu(z), m1 = m0, m2 = m0, m3 = m0;  // any element is a neutral start for max
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    m0 = max(m0, Vec::loadu(z + c));
+    m1 = max(m1, Vec::loadu(z + c + V));
+    m2 = max(m2, Vec::loadu(z + c + 2 * V));
+    m3 = max(m3, Vec::loadu(z + c + 3 * V));
+  }
+  for (; c + V <= C; c += V) m0 = max(m0, Vec::loadu(z + c));
+  if (c < C) m1 = max(m1, Vec::loadu(z + C - V));  // the last V elements, overlapping: max does not mind
+  return vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); },
+                                    max(max(m0, m1), max(m2, m3)));
+}
+
+template <typename acc_t>
+struct Sums {
+  acc_t s;      // sum_c exp(z_c - m)
+  acc_t other;  // index targets: sum_c w_c (m - z_c) (with smoothing); probabilities: sum_c q_c (m - z_c)
+  acc_t q;      // probabilities: sum_c q_c
+};
+
+// The exp pass of an index-target row: s, and with SMOOTH sum_c w_c (m - z_c) (w: weights or nullptr);
+// with STORE, e[c] = exp(z_c - m).
+template <bool FAST, bool STORE, bool SMOOTH, typename acc_t>
+Sums<acc_t> index_exp_pass(const acc_t* z, acc_t* e, const acc_t* w, acc_t m, int64_t C) {
+  using Vec = vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m);
+  Vec s0(0), s1(0), s2(0), s3(0), o0(0), o1(0), o2(0), o3(0);
+  auto step = [&](int64_t c, int64_t n, Vec& s, Vec& o) C10_ALWAYS_INLINE_ATTRIBUTE {
+    const Vec zc = n == V ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
+    Vec ex = exp_shifted<acc_t>(zc - vm, FAST);  // exp(z_c - m), z_c - m <= 0
+    if (n < V) ex = Vec::set(Vec(0), ex, n);
+    s += ex;
+    if constexpr (STORE) {
+      if (n == V) ex.store(e + c); else ex.store(e + c, n);
+    }
+    if constexpr (SMOOTH) {  // w_c (m - z_c)
+      Vec term = vm - zc;
+      if (w != nullptr) term = term * (n == V ? Vec::loadu(w + c) : Vec::loadu(w + c, n));
+      o += n == V ? term : Vec::set(Vec(0), term, n);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    step(c, V, s0, o0);
+    step(c + V, V, s1, o1);
+    step(c + 2 * V, V, s2, o2);
+    step(c + 3 * V, V, s3, o3);
+  }
+  for (; c + V <= C; c += V) step(c, V, s0, o0);
+  if (c < C) step(c, C - c, s1, o1);
+  return {vec_sum((s0 + s1) + (s2 + s3)), vec_sum((o0 + o1) + (o2 + o3)), 0};
+}
+
+// The pass of a probability-target row, q_c = w_c ((1 - eps) p_c + eps / C): s, sum_c q_c (m - z_c)
+// and sum_c q_c; with STORE, e[c] = exp(z_c - m).
+template <bool FAST, bool STORE, typename acc_t>
+Sums<acc_t> prob_exp_pass(const acc_t* z, const acc_t* p, acc_t* e, const acc_t* w, acc_t m, acc_t eps,
+                          int64_t C) {
+  using Vec = vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m), keep(1 - eps), spread(eps / C);
+  Vec s0(0), s1(0), s2(0), s3(0), o0(0), o1(0), o2(0), o3(0), q0(0), q1(0), q2(0), q3(0);
+  auto step = [&](int64_t c, int64_t n, Vec& s, Vec& o, Vec& qs) C10_ALWAYS_INLINE_ATTRIBUTE {
+    const Vec zc = n == V ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
+    Vec q = vec::fmadd(keep, n == V ? Vec::loadu(p + c) : Vec::loadu(p + c, n), spread);
+    if (w != nullptr) q = q * (n == V ? Vec::loadu(w + c) : Vec::loadu(w + c, n));
+    Vec ex = exp_shifted<acc_t>(zc - vm, FAST);
+    if (n < V) {
+      ex = Vec::set(Vec(0), ex, n);
+      q = Vec::set(Vec(0), q, n);
+    }
+    s += ex;
+    qs += q;
+    o = vec::fmadd(q, vm - zc, o);  // padding lanes: 0 * (m - 0), finite unless m is not
+    if constexpr (STORE) {
+      if (n == V) ex.store(e + c); else ex.store(e + c, n);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 4 * V <= C; c += 4 * V) {
+    step(c, V, s0, o0, q0);
+    step(c + V, V, s1, o1, q1);
+    step(c + 2 * V, V, s2, o2, q2);
+    step(c + 3 * V, V, s3, o3, q3);
+  }
+  for (; c + V <= C; c += V) step(c, V, s0, o0, q0);
+  if (c < C) step(c, C - c, s1, o1, q1);
+  return {vec_sum((s0 + s1) + (s2 + s3)), vec_sum((o0 + o1) + (o2 + o3)), vec_sum((q0 + q1) + (q2 + q3))};
+}
+
 // One row of index-target cross-entropy. z: the row's (soft-capped) logits as acc_t; y: its target
 // class, w_y: w[y] (the row is not ignored: ignored rows never get here, so whatever they hold, nan or
 // inf, cannot reach the loss or the gradient). When e is not null, e[c] = exp(z_c - max) is stored
@@ -128,41 +237,24 @@ struct RowStats {
 //   lse - z_c = log(s) + (m - z_c): every term is >= 0, so nothing cancels (lse * W - sum w_c z_c would).
 template <typename acc_t>
 RowStats<acc_t> index_row(const acc_t* z, acc_t* e, int64_t y, acc_t w_y, const RowConstants<acc_t>& k) {
-  using Vec = vec::Vectorized<acc_t>;
   const int64_t C = k.C;
-  const acc_t m = vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); }, z, C);
-  const Vec vm(m);
-  const bool fast = k.C >= kFastExpMinClasses && std::isfinite(m);
+  const acc_t m = row_max(z, C);
   const bool smooth = k.eps > 0;
-  Vec vs(0), vsmooth(0);
-  int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) {
-    const Vec d = Vec::loadu(z + c) - vm;  // z_c - m <= 0
-    const Vec ex = exp_shifted(d, fast);
-    vs += ex;
-    if (e != nullptr) ex.store(e + c);
-    if (smooth) vsmooth = k.weight ? vec::fmadd(Vec::loadu(k.weight + c), vm - Vec::loadu(z + c), vsmooth)
-                                   : vsmooth - d;
-  }
-  if (c < C) {
-    const int64_t n = C - c;
-    const Vec d = Vec::loadu(z + c, n) - vm;
-    const Vec ex = Vec::set(Vec(0), exp_shifted(d, fast), n);
-    vs += ex;
-    if (e != nullptr) ex.store(e + c, n);
-    if (smooth) {
-      const Vec term = k.weight ? Vec::loadu(k.weight + c, n) * (vm - Vec::loadu(z + c, n)) : Vec(0) - d;
-      vsmooth += Vec::set(Vec(0), term, n);
-    }
-  }
-  const acc_t s = vec_sum(vs);
+  const Sums<acc_t> sums = dispatch_flag(C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
+    return dispatch_flag(e != nullptr, [&](auto store) {
+      return dispatch_flag(smooth, [&](auto smoothed) {
+        return index_exp_pass<fast.value, store.value, smoothed.value>(z, e, k.weight, m, C);
+      });
+    });
+  });
+  const acc_t s = sums.s;
   const acc_t log_s = std::log(s);
   const acc_t lse = m + log_s;
   const acc_t nll = (m - z[y]) + log_s;  // -logp_iy
   acc_t loss = smooth ? (1 - k.eps) * w_y * nll : w_y * nll;
   acc_t sum_q = smooth ? (1 - k.eps) * w_y : w_y;
   if (smooth) {  // torch adds the smoothing term only for eps > 0 (a -inf logit is finite at eps = 0)
-    loss += k.eps / k.C * (k.weight_total * log_s + vec_sum(vsmooth));
+    loss += k.eps / k.C * (k.weight_total * log_s + sums.other);
     sum_q += k.eps / k.C * k.weight_total;
   }
   if (k.z_loss != 0) {  // skipped at 0: the default results stay bit for bit those without the option
@@ -177,41 +269,22 @@ RowStats<acc_t> index_row(const acc_t* z, acc_t* e, int64_t y, acc_t w_y, const 
 // Byte model: z and p are each read from memory once.
 template <typename acc_t>
 RowStats<acc_t> prob_row(const acc_t* z, const acc_t* p, acc_t* e, const RowConstants<acc_t>& k) {
-  using Vec = vec::Vectorized<acc_t>;
   const int64_t C = k.C;
-  const acc_t m = vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return vec::maximum(a, b); }, z, C);
-  const Vec vm(m), keep(1 - k.eps), spread(k.eps / C);
-  const bool fast = k.C >= kFastExpMinClasses && std::isfinite(m);
-  Vec vs(0), vq(0), vqz(0);
-  int64_t c = 0;
-  for (; c < C; c += Vec::size()) {
-    const int64_t n = std::min<int64_t>(Vec::size(), C - c);
-    const Vec zc = n == Vec::size() ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
-    const Vec pc = n == Vec::size() ? Vec::loadu(p + c) : Vec::loadu(p + c, n);
-    Vec q = vec::fmadd(keep, pc, spread);  // (1 - eps) p_c + eps / C
-    if (k.weight) q = q * (n == Vec::size() ? Vec::loadu(k.weight + c) : Vec::loadu(k.weight + c, n));
-    Vec ex = exp_shifted<acc_t>(zc - vm, fast);
-    if (n < Vec::size()) {
-      ex = Vec::set(Vec(0), ex, n);
-      q = Vec::set(Vec(0), q, n);
-    }
-    vs += ex;
-    vq += q;
-    vqz = vec::fmadd(q, vm - zc, vqz);  // padding lanes: 0 * (m - 0), finite unless m is not
-    if (e != nullptr) {
-      if (n == Vec::size()) ex.store(e + c); else ex.store(e + c, n);
-    }
-  }
-  const acc_t s = vec_sum(vs);
-  const acc_t log_s = std::log(s);
+  const acc_t m = row_max(z, C);
+  const Sums<acc_t> sums = dispatch_flag(C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
+    return dispatch_flag(e != nullptr, [&](auto store) {
+      return prob_exp_pass<fast.value, store.value>(z, p, e, k.weight, m, k.eps, C);
+    });
+  });
+  const acc_t log_s = std::log(sums.s);
   const acc_t lse = m + log_s;
-  acc_t sum_q = vec_sum(vq);
-  acc_t loss = sum_q * log_s + vec_sum(vqz);
+  acc_t sum_q = sums.q;
+  acc_t loss = sum_q * log_s + sums.other;
   if (k.z_loss != 0) {
     loss += k.z_loss * lse * lse;
     sum_q += 2 * k.z_loss * lse;
   }
-  return {loss, sum_q, 1 / s};
+  return {loss, sum_q, 1 / sums.s};
 }
 
 // The gradient of one row, in place over e (which holds exp(z_c - m) from the row pass):
