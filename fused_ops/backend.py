@@ -230,9 +230,7 @@ def _forced_native(op: str, tensors: tuple[torch.Tensor | None, ...], only_cpu: 
     return "native"
 
 
-def _forced_triton(
-    op: str, tensors: tuple[torch.Tensor | None, ...], only_cuda: bool, only_cpu: bool
-) -> str:
+def _forced_triton(op: str, tensors: tuple[torch.Tensor | None, ...], only_cuda: bool, only_cpu: bool) -> str:
     if not triton_available():
         raise BackendUnavailableError(
             f"{op}: backend 'triton' was forced but triton is not installed; "

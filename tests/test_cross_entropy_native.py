@@ -248,7 +248,7 @@ def test_one_autograd_node_that_saves_only_the_gradient():
 def test_backward_hands_over_the_stored_gradient_and_retained_graphs_still_work():
     x = torch.randn(8, 27)
     target = torch.randint(0, 27, (8,))
-    ref, ref_grad = loss_and_grad(torch_reference, x, target)
+    _, ref_grad = loss_and_grad(torch_reference, x, target)
     leaf = x.clone().requires_grad_(True)
     loss = fused_ops.cross_entropy(leaf, target)
     (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
@@ -296,7 +296,9 @@ def test_gradient_memory_is_reused_and_fully_rewritten():
 # ----------------------------------------------------------------------------------------------------
 # torch.compile: the ops trace (fake kernels), the C++ autograd is traced by AOTAutograd.
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs", [{}, {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3}], ids=str)
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3}], ids=str
+)
 def test_compiles_fullgraph_like_eager(kwargs):
     x = torch.randn(8, 27)
     target = torch.randint(0, 27, (8,))
@@ -327,7 +329,9 @@ def test_forcing_native_where_it_cannot_run_raises():
     with pytest.raises(BackendUnavailableError, match="batch_norm has no native CPU kernels"):
         fused_ops.batch_norm(torch.randn(4, 3), None, None, training=True)
     with pytest.raises(BackendUnavailableError, match="need CPU tensors"):
-        fused_ops.cross_entropy(torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta"))
+        fused_ops.cross_entropy(
+            torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,7 +355,12 @@ CALL = textwrap.dedent(
 def run_python(code: str, cache, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), **env}
     return subprocess.run(
-        [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-c", code],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 

@@ -92,7 +92,8 @@ def build_directory() -> Path:
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     key = f"{python}-torch{torch.__version__}-{capability().lower()}-{digest.hexdigest()[:16]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions"
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "torch_extensions",
     )
     return Path(root) / NAME / key
 

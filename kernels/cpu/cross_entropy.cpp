@@ -521,10 +521,14 @@ double target_pass(const Tensor& target, const acc_t* weight, int64_t C, int64_t
   const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
   y.resize(M);
   w_y.resize(M);
-  AT_DISPATCH_SWITCH(t.scalar_type(), "cross_entropy_target",
-      AT_DISPATCH_CASE(at::kLong, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; })
-      AT_DISPATCH_CASE(at::kInt, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; })
-      AT_DISPATCH_CASE(at::kByte, [&] { for (int64_t i = 0; i < M; ++i) y[i] = t.const_data_ptr<scalar_t>()[i * stride]; }));
+  auto read = [&](const auto* data) {
+    for (int64_t i = 0; i < M; ++i) y[i] = static_cast<int64_t>(data[i * stride]);
+  };
+  switch (t.scalar_type()) {  // check_args admitted these three
+    case at::kLong: read(t.const_data_ptr<int64_t>()); break;
+    case at::kInt: read(t.const_data_ptr<int32_t>()); break;
+    default: read(t.const_data_ptr<uint8_t>()); break;
+  }
   double denom = 0;
   for (int64_t i = 0; i < M; ++i) {
     const int64_t yi = y[i];
