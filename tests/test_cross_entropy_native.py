@@ -315,6 +315,27 @@ def test_compiles_fullgraph_like_eager(kwargs):
     torch._dynamo.reset()
 
 
+def test_the_makemore_mlp_graph_calls_the_native_op():
+    """Under "auto" (what tests/test_compile.py compiles with Inductor), dynamo's graph of a makemore
+    forward holds the native op, and BatchNorm's PyTorch path beside it."""
+    from fused_ops.makemore.model import MLP
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = MLP(27, 3, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=capture, fullgraph=True)
+    with fused_ops.use_backend("auto"):
+        _, loss = compiled(torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,)))
+    loss.backward()
+    (graph,) = graphs
+    assert "fused_ops.cross_entropy" in graph.code
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The backend's choice.
 # ----------------------------------------------------------------------------------------------------
