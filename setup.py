@@ -22,10 +22,12 @@ setup(
         "fused_ops.makemore",
         "fused_ops.kernels",
         "fused_ops.kernels.triton",
+        "fused_ops.kernels.cpu",
     ],
     package_dir={"fused_ops": "fused_ops", "fused_ops.kernels": "kernels"},
-    package_data={"fused_ops.makemore": ["names.txt"]},
-    install_requires=["torch>=2.6"],
+    # The native CPU kernels ship as C++ sources, compiled on first use (torch.utils.cpp_extension + ninja).
+    package_data={"fused_ops.makemore": ["names.txt"], "fused_ops.kernels.cpu": ["*.cpp", "*.h"]},
+    install_requires=["torch>=2.6", "ninja"],
     extras_require={
         "triton": ["triton>=3.2; platform_system == 'Linux'"],
         "plot": ["matplotlib>=3.5"],

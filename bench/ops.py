@@ -179,7 +179,7 @@ class Runner:
     grad_output: torch.Tensor | None = None
     step: Callable[[], None] | None = None
     grad_to_none: list[torch.Tensor] = field(default_factory=list)
-    backend: str | None = None  # fused_ops backend to force around every call ("torch" or "triton")
+    backend: str | None = None  # fused_ops backend to force around every call (see fused_backend)
 
     def reset(self) -> None:
         """Drop the gradients so that the next backward writes them instead of accumulating."""
@@ -217,9 +217,13 @@ def mode_fn(runner: Runner, mode: str) -> Timed:
     return Timed(backward, setup)
 
 
-def fused_backend(device: torch.device) -> str:
-    """The fused provider runs the Triton kernels on CUDA and the PyTorch path elsewhere, never a fallback."""
-    return "triton" if device.type == "cuda" else "torch"
+def fused_backend(device: torch.device, op: str) -> str:
+    """The fused provider's backend, forced, never a fallback: the Triton kernels on CUDA; on CPU the
+    native kernels for cross-entropy, the PyTorch path for BatchNorm (no native BatchNorm kernels yet),
+    and "auto" for the makemore step (which then runs each op as above)."""
+    if device.type == "cuda":
+        return "triton"
+    return {"ce": "native", "makemore": "auto"}.get(op, "torch")
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -284,7 +288,7 @@ def _build_cross_entropy(case: Case, provider: str, device: torch.device, genera
         forward=lambda: loss_fn(logits, target),
         grad_output=torch.ones((), device=device, dtype=torch.float32),  # loss.backward(): reduction="mean"
         grad_to_none=[logits],
-        backend=fused_backend(device) if provider == "fused" else None,
+        backend=fused_backend(device, case.op) if provider == "fused" else None,
     )
 
 
@@ -320,7 +324,7 @@ def _build_batch_norm(case: Case, provider: str, device: torch.device, generator
         forward=lambda: fn(x, running_mean, running_var, weight, bias),
         grad_output=_randn((n, c), generator, device, dtype),
         grad_to_none=[x, weight, bias],
-        backend=fused_backend(device) if provider in ("fused", "unfused") else None,
+        backend=fused_backend(device, case.op) if provider in ("fused", "unfused") else None,
     )
 
 
@@ -353,5 +357,5 @@ def _build_makemore(case: Case, provider: str, device: torch.device, generator) 
     return Runner(
         step=step,
         grad_to_none=list(model.parameters()),
-        backend=fused_backend(device) if provider == "fused" else None,
+        backend=fused_backend(device, case.op) if provider == "fused" else None,
     )

@@ -2,6 +2,10 @@
 
     python -m bench.overhead                    # CPU, 1 thread, ~3 s per row (~30 s in all)
     python -m bench.overhead --min-run-time 3   # steadier medians on a busy machine
+    python -m bench.overhead --backend torch    # the fused ops on their PyTorch path
+
+The fused ops run on the backend that "auto" picks (on CPU: the native kernels for cross_entropy, the
+PyTorch path for BatchNorm), or on the one --backend forces.
 
 At these sizes ((32, 27) logits, (32, 200) hidden units) the arithmetic takes a few microseconds, so
 the time per call is almost all Python and dispatch: argument checks, the backend choice, the
@@ -124,16 +128,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-run-time", type=float, default=1.5, help="seconds per op and side")
     parser.add_argument("--rounds", type=int, default=15, help="alternating measurements per row")
     parser.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default="auto")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
-    print(f"torch {torch.__version__}, CPU, {args.threads} thread(s); median microseconds per call")
+    print(
+        f"torch {torch.__version__}, CPU, {args.threads} thread(s), fused_ops backend {args.backend!r}; "
+        f"median microseconds per call"
+    )
     print(f"{'op':<18} {'mode':<8} {'fused_ops':>10} {'torch':>10} {'overhead':>10} {'ratio':>7}")
-    for mode in modes:
-        for name, (fused, reference) in cases(mode).items():
-            ours, theirs, overhead, ratio = compare_us(fused, reference, args.min_run_time, args.rounds)
-            print(f"{name:<18} {mode:<8} {ours:>10.1f} {theirs:>10.1f} {overhead:>+10.1f} {ratio:>6.2f}x")
+    with fused_ops.use_backend(args.backend):
+        for mode in modes:
+            for name, (fused, reference) in cases(mode).items():
+                ours, theirs, overhead, ratio = compare_us(fused, reference, args.min_run_time, args.rounds)
+                print(f"{name:<18} {mode:<8} {ours:>10.1f} {theirs:>10.1f} {overhead:>+10.1f} {ratio:>6.2f}x")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def _cpu_peak_bytes(prof: profile) -> int | None:
 
 
 def _is_operator(name: str) -> bool:
-    return name.startswith(("aten::", COMPILED_GRAPH_PREFIX))
+    return name.startswith(("aten::", "fused_ops::", COMPILED_GRAPH_PREFIX))  # fused_ops::: the native ops
 
 
 def _inside_operator(event) -> bool:

@@ -2,13 +2,17 @@
 
 Backends:
     "torch"  - the analytic PyTorch path (any device; the reference every other backend is checked against).
-    "triton" - the Triton kernels in `fused_ops.kernels`: CUDA tensors, or CPU tensors when Triton's
-               interpreter is on (`TRITON_INTERPRET=1` set before triton is imported).
-    "auto"   - Triton for CUDA tensors when Triton is importable, the PyTorch path otherwise.
+    "triton" - the Triton kernels in `fused_ops.kernels.triton`: CUDA tensors, or CPU tensors when
+               Triton's interpreter is on (`TRITON_INTERPRET=1` set before triton is imported).
+    "native" - the C++ CPU kernels in `fused_ops.kernels.cpu`, for the ops in NATIVE_OPS: CPU tensors.
+               Built on the first call that needs them (about 20 s; cached after).
+    "auto"   - Triton for CUDA tensors when Triton is importable; native for CPU tensors when the op has
+               native kernels and they build here; the PyTorch path otherwise.
 
 The choice comes from `use_backend(name)` when one is active, else from the environment variable
-`FUSED_OPS_BACKEND` (default "auto"). Forcing "triton" where it cannot run raises
-`BackendUnavailableError`; there is no silent fallback.
+`FUSED_OPS_BACKEND` (default "auto"; read once per process, at the first call). Forcing "triton" or "native" where it cannot run raises
+`BackendUnavailableError` (for native, with the compiler's error); there is no silent fallback. Under
+"auto", native kernels that cannot be built (no compiler) give one warning, and the PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -17,14 +21,26 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
+# The ops with native CPU kernels (kernels/cpu/<op>.cpp). batch_norm joins when its kernels land.
+NATIVE_OPS = ("cross_entropy",)
 ENV_VAR = "FUSED_OPS_BACKEND"
 
-_local = threading.local()
+
+class _UseBackendStack(threading.local):
+    """Each thread's stack of `use_backend` names, innermost last (an attribute that always exists:
+    getattr with a default on a missing thread-local attribute raises and catches, ~0.7 us a call)."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_local = _UseBackendStack()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -42,8 +58,8 @@ def _check_name(name: str, source: str) -> str:
 # process settings that follow are marked `_constant_result`: dynamo calls them once while it traces
 # and bakes the answer into the graph instead of tracing os.environ and importlib (which older dynamo
 # versions cannot trace or guard). Triton's presence and TRITON_INTERPRET (read by triton at its
-# import) cannot change within a process anyway; $FUSED_OPS_BACKEND is read when a model is compiled,
-# so set it before compiling, or switch with `use_backend`, which is guarded.
+# import) cannot change within a process anyway, nor $FUSED_OPS_BACKEND (read once); switch backends
+# with `use_backend`, which is guarded.
 def _constant_result(fn):
     """`torch.compiler.assume_constant_result(fn)`, without its import of torch._dynamo, which costs
     ~1.8 s and imports triton (tests/test_imports.py checks that both mark `fn` alike)."""
@@ -51,15 +67,23 @@ def _constant_result(fn):
     return fn
 
 
+_env_choice: str | None = None  # $FUSED_OPS_BACKEND, once read
+
+
 @_constant_result
 def _env_backend() -> str:
-    """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty."""
-    return _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
+    """$FUSED_OPS_BACKEND, checked; "auto" when unset or empty. Read once per process, at the first
+    call that asks: a lookup costs 1-2 us (os.environ raises and catches KeyError for an unset name),
+    a tenth of a makemore-sized call. Switch backends at run time with `use_backend`."""
+    global _env_choice
+    if _env_choice is None:
+        _env_choice = _check_name(os.environ.get(ENV_VAR, "").strip().lower() or "auto", ENV_VAR)
+    return _env_choice
 
 
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else `$FUSED_OPS_BACKEND`, else "auto"."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     return _env_backend()
@@ -67,11 +91,10 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed calls with backend `name` ("auto", "torch" or "triton"); nests, thread-local."""
+    """Run the enclosed calls with backend `name` ("auto", "torch", "triton" or "native"); nests,
+    thread-local."""
     _check_name(name, "backend name")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield
@@ -105,14 +128,58 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
-    """Decide whether `op` runs its Triton kernels for these tensors (None entries are ignored).
+_native_error: str | None = None  # why the native kernels cannot run here, once load() has failed
+_native_loaded = False
 
-    Raises BackendUnavailableError when "triton" is forced and cannot run here.
+
+@_constant_result
+def native_available() -> bool:
+    """True when the native CPU kernels are built and loaded. The first call builds them (or loads the
+    cached build); a failure is remembered, and `native_error()` says why."""
+    global _native_error, _native_loaded
+    if not _native_loaded and _native_error is None:
+        from fused_ops.kernels.cpu import build  # lazily: the build machinery only when a call needs it
+
+        try:
+            build.load()
+            _native_loaded = True
+        except build.NativeBuildError as exc:
+            _native_error = str(exc)
+    return _native_loaded
+
+
+def native_error() -> str | None:
+    """Why the native kernels are unavailable (None when they are, or have not been tried)."""
+    return _native_error
+
+
+_warned_native_fallback = False
+
+
+@_constant_result
+def _native_for_auto() -> bool:
+    """Native for "auto": available, or one warning (per process) and the PyTorch path."""
+    global _warned_native_fallback
+    if native_available():
+        return True
+    if not _warned_native_fallback:
+        _warned_native_fallback = True
+        warnings.warn(
+            f"{_native_error}\nfused_ops runs its PyTorch path on the CPU instead (slower). Set "
+            f"FUSED_OPS_BACKEND=torch to choose it explicitly and silence this warning.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return False
+
+
+def select(op: str, *tensors: torch.Tensor | None) -> str:
+    """The backend that runs `op` on these tensors (None entries are ignored): "torch", "triton" or
+    "native". Raises BackendUnavailableError when "triton" or "native" is forced and cannot run here.
     """
     name = requested_backend()
     if name == "torch":
-        return False
+        return "torch"
     cuda = cpu = other = False
     for t in tensors:  # a plain loop: cheaper per call than building a set of device types
         if t is None:
@@ -125,21 +192,59 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
             other = True
     only_cuda, only_cpu = cuda and not (cpu or other), cpu and not (cuda or other)
     if name == "auto":
-        return only_cuda and triton_available()
+        if only_cuda and triton_available():
+            return "triton"
+        if only_cpu and op in NATIVE_OPS and _native_for_auto():
+            return "native"
+        return "torch"
+    if name == "native":
+        return _forced_native(op, tensors, only_cpu)
+    return _forced_triton(op, tensors, only_cuda, only_cpu)
+
+
+def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Decide whether `op` runs its Triton kernels for these tensors (see `select`).
+
+    Raises BackendUnavailableError when "triton" is forced and cannot run here, or when "native" is
+    forced for an op without native kernels.
+    """
+    return select(op, *tensors) == "triton"
+
+
+def _forced_native(op: str, tensors: tuple[torch.Tensor | None, ...], only_cpu: bool) -> str:
+    if op not in NATIVE_OPS:
+        raise BackendUnavailableError(
+            f"{op}: backend 'native' was forced but {op} has no native CPU kernels yet (they exist for "
+            f"{', '.join(NATIVE_OPS)}); use backend 'auto' or 'torch' for it"
+        )
+    if not only_cpu:
+        devices = sorted({t.device.type for t in tensors if t is not None})
+        raise BackendUnavailableError(
+            f"{op}: backend 'native' was forced but the tensors are on {devices}; the native kernels "
+            f"need CPU tensors (use 'triton' or 'auto' on CUDA)"
+        )
+    if not native_available():
+        raise BackendUnavailableError(
+            f"{op}: backend 'native' was forced but the native CPU kernels are unavailable:\n{_native_error}"
+        )
+    return "native"
+
+
+def _forced_triton(op: str, tensors: tuple[torch.Tensor | None, ...], only_cuda: bool, only_cpu: bool) -> str:
     if not triton_available():
         raise BackendUnavailableError(
             f"{op}: backend 'triton' was forced but triton is not installed; "
             f"install it with `pip install fused_ops[triton]` or use backend 'torch'/'auto'"
         )
     if only_cuda:
-        return True
+        return "triton"
     if only_cpu and triton_interpreter_enabled():
         if torch.compiler.is_compiling():  # dynamo traces only real (JIT) Triton kernels
             raise BackendUnavailableError(
                 f"{op}: backend 'triton' on CPU tensors runs Triton's interpreter, which torch.compile "
                 f"cannot trace; use backend 'torch' or 'auto' under torch.compile on CPU"
             )
-        return True
+        return "triton"
     devices = sorted({t.device.type for t in tensors if t is not None})
     raise BackendUnavailableError(
         f"{op}: backend 'triton' was forced but the tensors are on {devices}; the Triton kernels need "

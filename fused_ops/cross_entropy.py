@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
+from fused_ops.backend import BackendUnavailableError, requested_backend, select
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
@@ -57,6 +57,7 @@ def _check_args(
     op: str = "cross_entropy",
     input_name: str = "input",
     sharded: bool = False,
+    tensors: bool = True,
 ) -> None:
     """Raise a clear exception naming the bad argument; touch nothing. Reads no tensor values (the
     range of index targets is `_check_target_range`'s job).
@@ -64,11 +65,56 @@ def _check_args(
     The one checker of cross-entropy's arguments, also for its vocab-parallel twin: `op` and
     `input_name` name the caller and its logits argument in the messages; sharded=True checks a rank's
     slice of the classes (C_r = 0 allowed, weight the rank's (C_r,) slice, index targets only).
+    tensors=False leaves out the dtypes and shapes of the tensors, for the native op, which checks
+    them itself with the same messages (tests/test_cross_entropy.py runs every bad input on both).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: {input_name} must be a Tensor, got {type(input).__name__}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a Tensor or None, got {type(weight).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{op}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if tensors:
+        _check_tensors(input, target, weight, ignore_index, op, input_name, sharded)
+    if target.requires_grad and target.is_floating_point() and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: target requires grad, but gradients with respect to probability targets "
+            f"are not computed; pass target.detach()"
+        )
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: weight requires grad, but gradients with respect to weight are not "
+            f"computed (torch's nll_loss refuses them too); pass weight.detach()"
+        )
+    if input.is_cpu and target.is_cpu and (weight is None or weight.is_cpu):
+        return  # the common case, without building device objects (~1 us a call)
+    device = input.device
+    for name, tensor in (("target", target), ("weight", weight)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(
+                f"{op}: {name} is on {tensor.device} but {input_name} is on {device}; "
+                f"all tensors must be on the same device"
+            )
+
+
+def _check_tensors(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    op: str,
+    input_name: str,
+    sharded: bool,
+) -> None:
+    """The dtypes and shapes of `_check_args`'s tensors."""
     if input.dtype not in INPUT_DTYPES:
         raise TypeError(
             f"{op}: {input_name} must be float16, bfloat16, float32 or float64, got {input.dtype}"
@@ -83,14 +129,6 @@ def _check_args(
     num_classes = input.shape[0] if ndim == 1 else input.shape[1]
     if num_classes == 0 and not sharded:
         raise ValueError(f"{op}: input has no classes (C = 0), shape {tuple(input.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"{op}: label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
 
     if target.is_floating_point() and not sharded:
         if target.shape != input.shape:
@@ -107,11 +145,6 @@ def _check_args(
                 f"{op}: ignore_index={ignore_index} is not supported for probability targets "
                 f"(float dtype); leave it at a negative value such as the default -100"
             )
-        if target.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{op}: target requires grad, but gradients with respect to probability targets "
-                f"are not computed; pass target.detach()"
-            )
     else:
         if target.dtype not in INDEX_DTYPES:
             probabilities = "" if sharded else " or class probabilities (the input's float dtype)"
@@ -123,8 +156,6 @@ def _check_args(
         if not (ndim == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]):
             _check_index_target_shape(input, target, op, input_name)  # (N, C) with (N,) is fine as it is
     if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{op}: weight must be a Tensor or None, got {type(weight).__name__}")
         if not weight.is_floating_point():
             raise TypeError(f"{op}: weight must be a float tensor, got {weight.dtype}")
         if weight.dim() != 1 or weight.shape[0] != num_classes:
@@ -132,18 +163,6 @@ def _check_args(
             raise ValueError(
                 f"{op}: weight must have {what} = ({num_classes},), like {input_name}'s class dimension, "
                 f"got {tuple(weight.shape)}"
-            )
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{op}: weight requires grad, but gradients with respect to weight are not "
-                f"computed (torch's nll_loss refuses them too); pass weight.detach()"
-            )
-    device = input.device
-    for name, tensor in (("target", target), ("weight", weight)):
-        if tensor is not None and tensor.device != device:
-            raise ValueError(
-                f"{op}: {name} is on {tensor.device} but {input_name} is on {device}; "
-                f"all tensors must be on the same device"
             )
 
 
@@ -391,19 +410,19 @@ def _reduce(row_loss: torch.Tensor, reduction: str, denom: torch.Tensor | int | 
 # ----------------------------------------------------------------------------------------------------
 # Autograd.
 # ----------------------------------------------------------------------------------------------------
-def _runs_triton(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """The dispatch decision. float64 (gradcheck) runs the PyTorch path under "auto"; forcing
-    "triton" for it raises, as forcing triton anywhere it cannot run does."""
-    if not use_triton("cross_entropy", input, target, weight):
-        return False
-    if input.dtype in KERNEL_DTYPES:
-        return True
+def _select_backend(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> str:
+    """The dispatch decision: "triton", "native" or "torch" (fused_ops.backend.select). float64
+    (gradcheck) runs the PyTorch path under "auto" on CUDA; forcing "triton" for it raises, as forcing
+    triton anywhere it cannot run does. The native kernels take every input dtype."""
+    backend = select("cross_entropy", input, target, weight)
+    if backend != "triton" or input.dtype in KERNEL_DTYPES:
+        return backend
     if requested_backend() == "triton":
         raise BackendUnavailableError(
             f"cross_entropy: backend 'triton' was forced but the kernels take {KERNEL_DTYPES}, not "
             f"{input.dtype}; use backend 'torch' or 'auto' for {input.dtype}"
         )
-    return False
+    return "torch"
 
 
 class _Call(NamedTuple):
@@ -417,7 +436,7 @@ class _Call(NamedTuple):
     softcap: float | None  # logits softcap * tanh(x / softcap) (None: off)
     need_grad: bool  # input requires grad: the forward also computes the gradient
     inplace: bool  # inplace_backward
-    triton: bool  # run the Triton kernels (else the PyTorch path)
+    backend: str  # "triton", "native" or "torch" (`_select_backend`)
     loss_dtype: torch.dtype  # input's dtype, or float32 under autocast
     targets_in_range: bool  # index targets were checked to lie in [0, C) or equal ignore_index
 
@@ -426,6 +445,56 @@ def _kernels():
     from fused_ops.kernels.triton import cross_entropy as kernels  # lazily: only when Triton is chosen
 
     return kernels
+
+
+_native_ops = None  # fused_ops.kernels.cpu.cross_entropy, once a call has run the native backend
+
+
+def _native_kernels():
+    global _native_ops
+    if _native_ops is None:
+        from fused_ops.kernels.cpu import cross_entropy as kernels  # loaded by backend.select already
+
+        _native_ops = kernels
+    return _native_ops
+
+
+def _native_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    loss_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """fused_ops::cross_entropy, the native op. The call passes only the arguments that differ from
+    the op's defaults: the boxed call converts each one it gets (~0.4 us apiece, a tenth of a
+    makemore-sized call)."""
+    kernels = _native_kernels()
+    if (
+        weight is None
+        and ignore_index == -100
+        and reduction == "mean"
+        and not label_smoothing
+        and not z_loss
+        and softcap is None
+        and loss_dtype is None
+    ):
+        return kernels.cross_entropy(input, target)
+    return kernels.cross_entropy(
+        input,
+        target,
+        weight,
+        ignore_index,
+        kernels.REDUCTIONS[reduction],
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        loss_dtype,
+    )
 
 
 def _forward(
@@ -444,7 +513,7 @@ def _forward(
     target_rows = _target_rows(target, num_classes)
     overwrite = call.need_grad and call.inplace and _rows_alias(logits)  # gradient into input's memory
 
-    if call.triton:
+    if call.backend == "triton":
         grad = None
         if call.need_grad:  # inplace: into rows, which is input's memory or our private (M, C) copy
             grad = rows if call.inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
@@ -460,6 +529,25 @@ def _forward(
             grad=grad,
             loss_dtype=call.loss_dtype,
         )
+    elif call.backend == "native":  # one pass over each row in C++: the loss, and the gradient when asked
+        kernels = _native_kernels()
+        args = (
+            rows,
+            target_rows,
+            weight,
+            call.ignore_index,
+            kernels.REDUCTIONS[call.reduction],
+            call.label_smoothing,
+            call.z_loss,
+            call.softcap,
+            call.loss_dtype,
+        )
+        if call.need_grad:
+            loss, grad = kernels.cross_entropy_fwd(*args)
+            if overwrite:
+                grad = rows.copy_(grad)
+        else:
+            loss, grad = kernels.cross_entropy(*args), None
     else:
         loss, grad = cross_entropy_reference(
             rows,
@@ -501,9 +589,9 @@ def _rows_loss_and_grad(
     need_grad, d(sum_i loss_i)/d(logits) (M, C) in logits' dtype: a unit grad_output, no mean scale.
     Runs on the backend `cross_entropy` picks for these tensors, through the same `_forward`. Where
     the backend writes the gradient in place at no cost (Triton), it overwrites logits; the PyTorch
-    path returns a new tensor (copying it back would cost a pass).
+    path and the native kernels return a new tensor (copying it back would cost a pass).
     """
-    triton = _runs_triton(logits, target, weight)
+    backend = _select_backend(logits, target, weight)
     call = _Call(
         shape=logits.shape,
         ignore_index=ignore_index,
@@ -512,8 +600,8 @@ def _rows_loss_and_grad(
         z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap),
         need_grad=need_grad,
-        inplace=triton,
-        triton=triton,
+        inplace=backend == "triton",
+        backend=backend,
         loss_dtype=loss_dtype,
         targets_in_range=targets_in_range,
     )
@@ -575,7 +663,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_rows = _as_rows(logits, call.shape[0] if len(call.shape) == 1 else call.shape[1])
         scale = grad_loss.reshape(-1) if call.reduction == "none" else grad_loss  # (M,) or ()
 
-        if call.triton and not torch.compiler.is_compiling():
+        if call.backend == "triton" and not torch.compiler.is_compiling():
             if ctx.consumed:
                 raise RuntimeError(
                     "cross_entropy: a second backward through the same graph (retain_graph=True) is not "
@@ -707,7 +795,17 @@ def cross_entropy(
     autocast = _autocast_float32(input, target)
     if autocast and target.dtype in KERNEL_DTYPES and target.dtype != input.dtype:
         input, target = input.float(), target.float()
-    _check_args(input, target, weight, ignore_index, reduction, label_smoothing)
+    _check_args(input, target, weight, ignore_index, reduction, label_smoothing, tensors=False)
+    backend = _select_backend(input, target, weight)
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    if backend == "native" and not (need_grad and inplace_backward):
+        # The native op checks its tensors' dtypes and shapes itself; its autograd node, its target range
+        # check and its backward are in C++.
+        loss_dtype = torch.float32 if autocast and input.dtype in HALF_DTYPES else None
+        return _native_loss(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, loss_dtype
+        )
+    _check_tensors(input, target, weight, ignore_index, "cross_entropy", "input", False)
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     targets_in_range = not target.is_floating_point() and (validate or target.is_cpu)
     if targets_in_range:
@@ -715,7 +813,6 @@ def cross_entropy(
             target = checked_targets(target, num_classes, ignore_index)
         else:
             _check_target_range(target, num_classes, ignore_index)
-    need_grad = input.requires_grad and torch.is_grad_enabled()
     owner = input
     if need_grad and inplace_backward:
         if torch.compiler.is_compiling():
@@ -735,7 +832,7 @@ def cross_entropy(
         softcap=None if softcap is None else float(softcap),
         need_grad=need_grad,
         inplace=bool(inplace_backward),
-        triton=_runs_triton(input, target, weight),
+        backend=backend,
         loss_dtype=torch.float32 if autocast and input.dtype in HALF_DTYPES else input.dtype,
         targets_in_range=targets_in_range,
     )
@@ -787,13 +884,13 @@ def _vocab_parallel(
 def _autocast_float32(input: object, target: object) -> bool:
     """True when autocast is on for input's device (CPU or CUDA) and would run cross_entropy (one of
     its float32 ops) on float32 copies of fp16/bf16/fp32 input and target."""
-    return (
-        isinstance(input, torch.Tensor)
-        and isinstance(target, torch.Tensor)
-        and input.dtype in KERNEL_DTYPES
-        and input.device.type in ("cpu", "cuda")
-        and torch.is_autocast_enabled(input.device.type)
-    )
+    if not (
+        isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor) and input.dtype in KERNEL_DTYPES
+    ):
+        return False
+    if input.is_cpu:  # is_cpu / is_cuda: no device object to build
+        return torch.is_autocast_enabled("cpu")
+    return input.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

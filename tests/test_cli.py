@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fused_ops.__main__ import main
 
@@ -54,7 +55,10 @@ def test_parity_command(dtype):
     names = {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias", "emb", "embcat", "hprebn", "hpreact", "h"}
     assert {row[0] for row in rows} >= names | {"logits", "loss"}
     assert all(row[2] == "True" for row in rows)
-    assert all(float(row[3]) < (1e-7 if dtype == "float32" else 1e-15) for row in rows)
+    tolerance = 1e-7 if dtype == "float32" else 1e-15
+    # the loss (~3.3) within 2 ulp: the native kernel sums the rows' losses in float64, torch in float32
+    loss_tolerance = 2 * 4 * torch.finfo(getattr(torch, dtype)).eps
+    assert all(float(row[3]) < (tolerance if row[0] != "loss" else loss_tolerance) for row in rows)
     assert f"OK: all {ROWS_PER_REPORT} rows approximately equal" in result.stdout
 
 

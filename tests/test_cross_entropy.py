@@ -1,7 +1,9 @@
-"""The PyTorch path of fused_ops.cross_entropy against torch.nn.functional.cross_entropy.
+"""The PyTorch path and the native CPU kernels of fused_ops.cross_entropy against
+torch.nn.functional.cross_entropy.
 
-Every test runs under use_backend("torch"): the analytic reference path that the Triton kernels are
-later checked against. Gradients are read from .grad after .backward().
+Every test runs twice: under use_backend("torch"), the analytic reference path that the Triton kernels
+are later checked against, and under use_backend("native"), the C++ kernels (kernels/cpu). Gradients
+are read from .grad after .backward().
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ SHAPES = [(7,), (6, 5), (4, 5, 3), (3, 5, 2, 2)]
 TARGETS = [("int64", -100), ("int64", 2), ("int32", -100), ("int32", 2), ("prob", -100)]
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    with fused_ops.use_backend("torch"):
-        yield
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def backend(request):
+    with fused_ops.use_backend(request.param):
+        yield request.param
 
 
 def num_classes(shape) -> int:

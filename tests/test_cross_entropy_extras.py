@@ -1,6 +1,6 @@
-"""cross_entropy's z_loss and softcap options: the PyTorch path against an independent float64 autograd
-reference, the Triton kernels (interpreter on CPU) against the PyTorch path, bad arguments, and the
-defaults leaving every result bit for bit as it was.
+"""cross_entropy's z_loss and softcap options: the PyTorch path and the native CPU kernels against an
+independent float64 autograd reference, the Triton kernels (interpreter on CPU) against the PyTorch
+path, bad arguments, and the defaults leaving every result bit for bit as it was.
 
 The reference: z = softcap * tanh(x / softcap) (or x), F.cross_entropy(z, ...) plus z_loss * lse_i^2
 summed over counted rows (non-ignored; every row for probability targets), divided for "mean" by the
@@ -69,6 +69,13 @@ def reference(
     return loss + (extra.sum() if reduction == "sum" else extra.sum() / denom)
 
 
+@pytest.fixture(params=["torch", "native"])
+def cpu_backend(request):
+    """The CPU tests run on both CPU backends: the PyTorch path and the native kernels."""
+    with fused_ops.use_backend(request.param):
+        yield request.param
+
+
 def loss_and_grad(fn, x, target, upstream=None, **kwargs):
     """(loss, x.grad) of fn(x, target, **kwargs).backward(upstream), on a fresh leaf copy of x."""
     leaf = x.detach().clone().requires_grad_(True)
@@ -78,66 +85,64 @@ def loss_and_grad(fn, x, target, upstream=None, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# PyTorch path against the float64 autograd reference.
+# The CPU backends against the float64 autograd reference.
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(7,), (6, 5), (4, 5, 3)], ids=str)
 @pytest.mark.parametrize("kind, ignore_index", [("int64", -100), ("int64", 2), ("prob", -100)], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_torch_path_matches_autograd_reference(shape, kind, ignore_index, reduction):
-    with fused_ops.use_backend("torch"):
-        for use_weight, smoothing, z_loss, softcap in OPTIONS:
-            x = torch.randn(shape, dtype=torch.float64) * 3
-            target = make_target(shape, kind, ignore_index)
-            weight = torch.rand(num_classes(shape), dtype=torch.float64) + 0.2 if use_weight else None
-            kwargs = dict(
-                weight=weight,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                label_smoothing=smoothing,
-                z_loss=z_loss,
-                softcap=softcap,
-            )
-            ref, ref_grad = loss_and_grad(reference, x, target, **kwargs)
-            upstream = torch.randn(ref.shape, dtype=torch.float64)
-            ref, ref_grad = loss_and_grad(reference, x, target, upstream, **kwargs)
-            ours, ours_grad = loss_and_grad(fused_ops.cross_entropy, x, target, upstream, **kwargs)
-            torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
-            torch.testing.assert_close(ours_grad, ref_grad, atol=1e-12, rtol=1e-10)
-            # float32 logits: float32 statistics, same values to float32 precision
-            x32, t32 = x.float(), target.float() if kind == "prob" else target
-            w32 = None if weight is None else weight.float()
-            ours32, grad32 = loss_and_grad(
-                fused_ops.cross_entropy, x32, t32, upstream.float(), **{**kwargs, "weight": w32}
-            )
-            torch.testing.assert_close(ours32, ref.float(), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(grad32, ref_grad.float(), atol=1e-6, rtol=1e-5)
+def test_cpu_backends_match_autograd_reference(shape, kind, ignore_index, reduction, cpu_backend):
+    for use_weight, smoothing, z_loss, softcap in OPTIONS:
+        x = torch.randn(shape, dtype=torch.float64) * 3
+        target = make_target(shape, kind, ignore_index)
+        weight = torch.rand(num_classes(shape), dtype=torch.float64) + 0.2 if use_weight else None
+        kwargs = dict(
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
+        ref, ref_grad = loss_and_grad(reference, x, target, **kwargs)
+        upstream = torch.randn(ref.shape, dtype=torch.float64)
+        ref, ref_grad = loss_and_grad(reference, x, target, upstream, **kwargs)
+        ours, ours_grad = loss_and_grad(fused_ops.cross_entropy, x, target, upstream, **kwargs)
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(ours_grad, ref_grad, atol=1e-12, rtol=1e-10)
+        # float32 logits: float32 statistics, same values to float32 precision
+        x32, t32 = x.float(), target.float() if kind == "prob" else target
+        w32 = None if weight is None else weight.float()
+        ours32, grad32 = loss_and_grad(
+            fused_ops.cross_entropy, x32, t32, upstream.float(), **{**kwargs, "weight": w32}
+        )
+        torch.testing.assert_close(ours32, ref.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad32, ref_grad.float(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck_float64(kind, reduction):
-    with fused_ops.use_backend("torch"):
-        for shape, use_weight, smoothing, z_loss, softcap in [
-            ((5, 4), True, 0.25, 0.1, 2.0),
-            ((3, 4, 2), False, 0.0, 0.3, None),
-            ((4, 6), False, 0.1, 0.0, 0.7),
-        ]:
-            x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-            target = make_target(shape, "int64" if kind == "index" else "prob", ignore_index=1)
-            weight = torch.rand(num_classes(shape), dtype=torch.float64) + 0.2 if use_weight else None
-            ignore_index = 1 if kind == "index" else -100
+def test_gradcheck_float64(kind, reduction, cpu_backend):
+    for shape, use_weight, smoothing, z_loss, softcap in [
+        ((5, 4), True, 0.25, 0.1, 2.0),
+        ((3, 4, 2), False, 0.0, 0.3, None),
+        ((4, 6), False, 0.1, 0.0, 0.7),
+    ]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        target = make_target(shape, "int64" if kind == "index" else "prob", ignore_index=1)
+        weight = torch.rand(num_classes(shape), dtype=torch.float64) + 0.2 if use_weight else None
+        ignore_index = 1 if kind == "index" else -100
 
-            def fn(
-                inp, target=target, weight=weight, ignore=ignore_index, eps=smoothing, zl=z_loss, sc=softcap
-            ):
-                return fused_ops.cross_entropy(
-                    inp, target, weight, ignore, reduction, eps, z_loss=zl, softcap=sc
-                )
+        def fn(
+            inp, target=target, weight=weight, ignore=ignore_index, eps=smoothing, zl=z_loss, sc=softcap
+        ):
+            return fused_ops.cross_entropy(
+                inp, target, weight, ignore, reduction, eps, z_loss=zl, softcap=sc
+            )
 
-            assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
 
 
-def test_z_loss_is_lse_squared():
+def test_z_loss_is_lse_squared(cpu_backend):
     """The value itself: sum over non-ignored rows of z_loss * logsumexp^2, "mean" over the count."""
     x = torch.randn(6, 9, dtype=torch.float64)
     target = torch.tensor([0, 8, -100, 3, -100, 4])
@@ -148,7 +153,7 @@ def test_z_loss_is_lse_squared():
     torch.testing.assert_close(with_z - base, expected, atol=1e-12, rtol=0)
 
 
-def test_softcap_bounds_the_logits_and_keeps_minus_infinity_finite():
+def test_softcap_bounds_the_logits_and_keeps_minus_infinity_finite(cpu_backend):
     """A -inf logit is capped to -softcap (tanh(-inf) = -1), so smoothing stays finite, as the reference."""
     x = torch.randn(3, 6, dtype=torch.float64) * 100
     x[:, 4] = float("-inf")
@@ -162,7 +167,7 @@ def test_softcap_bounds_the_logits_and_keeps_minus_infinity_finite():
 
 
 @pytest.mark.parametrize("kind", ["int64", "prob"])
-def test_defaults_are_bitwise_unchanged(kind):
+def test_defaults_are_bitwise_unchanged(kind, cpu_backend):
     """z_loss=0.0 and softcap=None run the same code as not passing them: equal bit for bit."""
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         x = (torch.randn(33, 27) * 4).to(dtype)
@@ -177,7 +182,7 @@ def test_defaults_are_bitwise_unchanged(kind):
             assert torch.equal(plain, off) and torch.equal(plain_grad, off_grad)
 
 
-def test_inplace_backward_with_softcap_overwrites_logits_with_dx():
+def test_inplace_backward_with_softcap_overwrites_logits_with_dx(cpu_backend):
     h, W = torch.randn(6, 8), torch.randn(8, 5, requires_grad=True)
     target = torch.tensor([0, 4, -100, 2, 2, 1])
     kwargs = {"label_smoothing": 0.1, "z_loss": 0.1, "softcap": 2.0}
@@ -191,7 +196,7 @@ def test_inplace_backward_with_softcap_overwrites_logits_with_dx():
     torch.testing.assert_close(W.grad, ref_grad)
 
 
-def test_module_passes_the_options():
+def test_module_passes_the_options(cpu_backend):
     loss_fn = fused_ops.CrossEntropyLoss(label_smoothing=0.1, z_loss=0.01, softcap=30.0)
     assert "z_loss=0.01" in repr(loss_fn) and "softcap=30.0" in repr(loss_fn)
     assert "z_loss" not in repr(fused_ops.CrossEntropyLoss())
@@ -200,7 +205,7 @@ def test_module_passes_the_options():
     torch.testing.assert_close(loss_fn(x, target), expected, atol=0, rtol=0)
 
 
-def test_torch_compile_traces_the_options():
+def test_torch_compile_traces_the_options(cpu_backend):
     """fullgraph: no graph break from the options; aot_eager traces as Inductor would."""
     x = torch.randn(8, 27, requires_grad=True)
     target = torch.randint(0, 27, (8,))

@@ -38,6 +38,8 @@ def test_wheel_contents(wheel):
     assert "fused_ops/makemore/names.txt" in names
     assert "fused_ops/__main__.py" in names
     assert "fused_ops/kernels/triton/cross_entropy.py" in names
+    native_sources = {"fused_ops/kernels/cpu/cross_entropy.cpp", "fused_ops/kernels/cpu/common.h"}
+    assert native_sources <= names  # compiled on first use
     assert "fused_ops/distributed/sync_batch_norm.py" in names
     licenses = [name for name in names if name.endswith("/LICENSE") and ".dist-info/" in name]
     assert licenses, f"no LICENSE in the wheel's metadata: {sorted(names)}"
@@ -63,6 +65,11 @@ def test_installed_wheel_imports_and_loads_its_data(wheel, tmp_path):
         "print(fused_ops.__file__)\nprint(fused_ops.kernels.__file__)\n"
         "from fused_ops.makemore import data\n"
         "print(len(data.load_words()), len(data.load_dataset().train))\n"
+        "import torch\n"
+        "with fused_ops.use_backend('native'):\n"  # the native kernels, from the installed sources
+        "    fused_ops.cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))\n"
+        "import fused_ops.kernels.cpu.build as build\n"
+        "print(build.SOURCE_DIR)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run(
@@ -75,7 +82,8 @@ def test_installed_wheel_imports_and_loads_its_data(wheel, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    package_file, kernels_file, counts = result.stdout.splitlines()
+    package_file, kernels_file, counts, native_sources = result.stdout.splitlines()
     assert pathlib.Path(package_file).is_relative_to(target), "imported the checkout, not the installed wheel"
     assert pathlib.Path(kernels_file).is_relative_to(target / "fused_ops" / "kernels")
     assert counts == "32033 182625"
+    assert pathlib.Path(native_sources) == target / "fused_ops" / "kernels" / "cpu"

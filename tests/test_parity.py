@@ -21,7 +21,10 @@ def test_report_passes(dtype):
         assert block.loss == pytest.approx(loss, rel=1e-6)
         for row in block.rows:
             assert row.approx, (block.title, row)
-            assert row.maxdiff < (1e-7 if dtype == torch.float32 else 1e-15), (block.title, row)
+            tolerance = 1e-7 if dtype == torch.float32 else 1e-15
+            if row.name == "loss":  # 2 ulp of the loss: the native kernel sums the rows' losses in
+                tolerance = 2 * torch.finfo(dtype).eps * loss  # float64, torch in float32 (1 ulp apart)
+            assert row.maxdiff < tolerance, (block.title, row)
 
 
 def test_compare_flags_a_perturbed_tensor():
