@@ -872,3 +872,18 @@ def test_linear_cross_entropy_process_group_routes_to_vocab_parallel(one_rank_gr
         ValueError, match="vocab_parallel_linear_cross_entropy: linear_weight must have shape"
     ):
         fused_ops.linear_cross_entropy(x, w[:, :4], target, process_group=one_rank_group)
+
+
+def test_vocab_size_is_read_once_per_group_and_width(one_rank_group):
+    """The default chunk size of the sharded linear cross-entropy needs V on the host, a sync on CUDA:
+    it is read on a group's first call only, then remembered per shard width; another group reads it."""
+    import torch.distributed as dist
+
+    from fused_ops.distributed import vocab_parallel
+
+    first = vocab_parallel._vocab_size(one_rank_group, 7, torch.tensor(7))
+    # A second call must not read the tensor: a different value shows whether it did.
+    assert (first, vocab_parallel._vocab_size(one_rank_group, 7, torch.tensor(99))) == (7, 7)
+    assert vocab_parallel._vocab_size(one_rank_group, 5, torch.tensor(11)) == 11  # another width
+    other = dist.new_group([0])
+    assert vocab_parallel._vocab_size(other, 7, torch.tensor(13)) == 13  # another group

@@ -25,6 +25,8 @@ ignored rows. These are F.cross_entropy's semantics, label smoothing with weight
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -214,6 +216,24 @@ def vocab_parallel_cross_entropy(
 
 
 # ----------------------------------------------------------------------------------------------------
+# V of a sharded head, by process group and then by this rank's shard width: a head keeps its shape, so
+# the host read of the all-gathered V (a sync on CUDA) happens on the first call only. Weak keys: a
+# destroyed group's entries go with it, and a new group (a re-initialised default group included) reads
+# V afresh.
+_vocab_sizes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vocab_size(process_group: dist.ProcessGroup | None, width: int, num_classes: torch.Tensor) -> int:
+    """V = sum_r V_r as a Python int; num_classes is its 0-dim device tensor from `_class_offset`."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    if group is None:  # no process group at all: one rank, V is this rank's width
+        return width
+    known = _vocab_sizes.setdefault(group, {})
+    if width not in known:
+        known[width] = int(num_classes)
+    return known[width]
+
+
 # Linear + cross-entropy over a vocab-sharded head: fused_ops.linear_cross_entropy's chunks, each
 # chunk's cross-entropy the Function above.
 # ----------------------------------------------------------------------------------------------------
@@ -244,9 +264,11 @@ def vocab_parallel_linear_cross_entropy(
     (one all_gather, two all_reduce), dW_r += G_r.T @ x_c stays local, and dX = sum_r G_r @ W_r takes
     one all_reduce of (M, H) per call. "mean" with class weights adds one all_reduce of (M,) for its
     denominator. The stored gradients and the recomputing "none" backward are linear_cross_entropy's;
-    so is the default chunk size, from the whole V so that every rank runs as many chunks: reading V
-    on the host is a sync on CUDA, which passing chunk_size avoids. Index targets only; no z_loss or
-    softcap.
+    so is the default chunk size, from the whole V so that every rank runs as many chunks. V is read on
+    the host once per process group and shard width (`_vocab_size`), on the first call, a host sync on
+    CUDA; later calls have none. Run one call eagerly before capturing a CUDA graph or compiling (as
+    NCCL's own set-up needs anyway), or pass chunk_size, which skips it. Index targets only; no z_loss
+    or softcap.
     """
     op = "vocab_parallel_linear_cross_entropy"
     _check_linear_args(
@@ -308,8 +330,9 @@ def vocab_parallel_linear_cross_entropy(
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
         return tensor
 
-    if chunk_size is None:  # from the whole V, so that every rank runs as many chunks (one host read)
-        chunk_size = default_chunk_size(input.shape[:-1].numel(), int(num_classes), input.dtype, input.device)
+    if chunk_size is None:  # from the whole V, so that every rank runs as many chunks
+        vocab_size = _vocab_size(process_group, width, num_classes)
+        chunk_size = default_chunk_size(input.shape[:-1].numel(), vocab_size, input.dtype, input.device)
     shard = VocabShard(loss_and_grad=loss_and_grad, target_weights=target_weights, all_reduce=all_reduce)
     return _apply(
         input,
