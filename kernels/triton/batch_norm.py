@@ -380,8 +380,9 @@ def batch_norm_fwd_apply_kernel(
         pivot = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.load(RunningMean_ptr + c, mask=c_mask, other=0.0)
         invstd = tl.rsqrt(tl.load(RunningVar_ptr + c, mask=c_mask, other=1.0) + eps)
-        tl.store(Mean_ptr + c, mean, mask=c_mask & (pid_n == 0))
-        tl.store(Invstd_ptr + c, invstd, mask=c_mask & (pid_n == 0))
+        if pid_n == 0:  # a scalar branch, not `mask=c_mask & (pid_n == 0)`: triton 3.9's interpreter
+            tl.store(Mean_ptr + c, mean, mask=c_mask)  # rejects a tensor mask and-ed with a scalar bool
+            tl.store(Invstd_ptr + c, invstd, mask=c_mask)
     else:
         pivot = _pivot(X_ptr, c, C, stride_xc)
         mean = tl.load(ShiftedMean_ptr + c, mask=c_mask, other=0.0)
