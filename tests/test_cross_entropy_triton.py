@@ -8,6 +8,8 @@ torch's own error, no host syncs, CUDA graphs, and N x C >= 2^31 for the 64-bit 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -363,11 +365,30 @@ def test_makemore_shape_launches(kernels, monkeypatch):
 def test_launch_settings(kernels):
     small = kernels.forward_settings(27)
     assert small.BLOCK_N >= 32 and small.BLOCK_C >= 27 and small.SINGLE_PASS  # not one program per row
-    for C in (1, 27, 1000, 16384, 16385, 262144):
-        rung = kernels.forward_settings(C)
+    for C, prob in itertools.product((1, 27, 1000, 4096, 4097, 16384, 16385, 262144), (False, True)):
+        rung = kernels.forward_settings(C, prob)
         assert rung.SINGLE_PASS == (C <= rung.BLOCK_C)
+    assert kernels.forward_settings(16384).SINGLE_PASS and not kernels.forward_settings(16384, True).SINGLE_PASS
     with pytest.raises(ValueError, match="C <="):
         kernels.forward_settings(kernels.MAX_CLASSES + 1)
+
+
+@pytest.mark.parametrize("C", [3000, 5000], ids=["prob_single_pass_4096", "prob_two_sweeps"])
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.interpreter
+@needs_kernels
+def test_probability_target_rungs(kernels, C):
+    """The probability-target ladder's own rungs (C = 3000: one 4096-column tile; C = 5000: two sweeps,
+    where index targets still take one pass), with the options that made them spill: weight, softcap."""
+    rung = kernels.forward_settings(C, prob_target=True)
+    assert rung.SINGLE_PASS == (C == 3000)
+    x, target = make_inputs((2, C), "prob")
+    kwargs = {"weight": torch.rand(C, device=DEVICE) + 0.2, "label_smoothing": 0.1, "softcap": 4.0}
+    ours, ours_grad = run(x, target, **kwargs)
+    with fused_ops.use_backend("torch"):
+        path, path_grad = run(x, target, **kwargs)
+    torch.testing.assert_close(ours, path, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_grad, path_grad, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
