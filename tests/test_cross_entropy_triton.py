@@ -553,3 +553,19 @@ def test_gpu_64bit_offsets():
     ref, ref_grad = run_torch(x.detach()[tail].float(), target[tail], reduction="none")
     torch.testing.assert_close(loss[tail].float(), ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(x.grad[tail].float(), ref_grad, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.interpreter
+@needs_kernels
+def test_subnormal_label_smoothing_and_z_loss(dtype):
+    """Found by tests/test_fuzz.py: label_smoothing=1e-39 (an fp32 subnormal) gave a loss of 0 for bf16
+    logits under the interpreter. Subnormal scalars act as 0 on the Triton path (fp32 arithmetic)."""
+    x = torch.tensor([[1.5391, -0.2930]], device=DEVICE).to(dtype)
+    target = torch.tensor([0], device=DEVICE)
+    expected = fused_ops.cross_entropy(x, target)
+    assert expected.item() > 0.1
+    for tiny in (1e-39, 5e-324):
+        torch.testing.assert_close(fused_ops.cross_entropy(x, target, label_smoothing=tiny), expected)
+        torch.testing.assert_close(fused_ops.cross_entropy(x, target, z_loss=tiny), expected)

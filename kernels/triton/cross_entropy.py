@@ -481,6 +481,16 @@ def backward_settings(num_classes: int) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------
 # Launchers.
 # ----------------------------------------------------------------------------------------------------
+SMALLEST_NORMAL_FP32 = 2.0**-126
+
+
+def _kernel_scalar(value: float) -> float:
+    """A float argument as the kernels see it: fp32, subnormals flushed to 0. Triton types a Python float
+    below fp32's smallest normal as fp64 in the interpreter, which then wrote a 0 loss for bf16 logits
+    (found by tests/test_fuzz.py with label_smoothing=1e-39); compiled, the value is an fp32 scalar."""
+    return 0.0 if abs(value) < SMALLEST_NORMAL_FP32 else float(value)
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -559,9 +569,9 @@ def cross_entropy_forward(
         M=num_rows,
         C=num_classes,
         ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
+        label_smoothing=_kernel_scalar(label_smoothing),
         inv_rows=1.0 / num_rows if prob and code == 2 else 1.0,
-        z_loss=float(z_loss),
+        z_loss=_kernel_scalar(z_loss),
         softcap=1.0 if softcap is None else float(softcap),  # unread without SOFTCAP
         num_denom_partials=num_denom_partials,
         reduction=code,
