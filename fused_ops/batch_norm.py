@@ -174,11 +174,14 @@ def _activation_grad(dy: torch.Tensor, y: torch.Tensor | None, activation: str |
 
 
 def _update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float | torch.Tensor) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place, computed in batch's dtype."""
-    if running.dtype == batch.dtype:
-        running.lerp_(batch, momentum)  # running + momentum * (batch - running)
-    else:  # fp16/bf16 running stats: update in float32, round once
-        running.copy_(running.to(batch.dtype).lerp_(batch, momentum))
+    """running = (1 - momentum) * running + momentum * batch, in place, computed in batch's dtype.
+
+    Written as torch writes it, not as lerp: lerp(running, inf, 1) is nan (inf - inf), torch's is inf
+    (a variance that overflows; found by tests/test_fuzz.py)."""
+    stats = running if running.dtype == batch.dtype else running.to(batch.dtype)  # fp16/bf16: round once
+    stats.mul_(1 - momentum).add_(batch * momentum)
+    if stats is not running:
+        running.copy_(stats)
 
 
 def forward_torch(

@@ -539,3 +539,16 @@ def test_state_dict_round_trips(kwargs, tmp_path):
     back = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
     back.load_state_dict(fused_model.state_dict())
     assert_same(back.state_dict(), fused_model.state_dict())
+
+
+def test_running_var_overflow_is_inf_as_in_torch():
+    """Found by tests/test_fuzz.py (issue 11): a batch variance that overflows float64 made running_var
+    nan (lerp's inf - inf), where torch's (1 - momentum) * running + momentum * batch gives inf."""
+    x = torch.tensor([[torch.finfo(torch.float64).max], [-0.29343]], dtype=torch.float64)
+    for momentum in (1.0, 0.5):
+        ours = (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        theirs = (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        fused_ops.batch_norm(x, *ours, training=True, momentum=momentum)
+        F.batch_norm(x, *theirs, training=True, momentum=momentum)
+        torch.testing.assert_close(ours, theirs)
+        assert ours[1].isinf().all()
