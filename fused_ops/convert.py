@@ -65,9 +65,8 @@ def _convert_sequential(seq: nn.Sequential, process_group: dist.ProcessGroup | N
     names = list(seq._modules)
     for name, next_name in itertools.pairwise(names):
         bn, act = seq._modules[name], seq._modules[next_name]
-        fusable = _needs_conversion(bn, process_group) or (
-            isinstance(bn, BatchNorm1d) and bn.activation is None
-        )
+        # A BatchNorm1d that already has an activation is never fused again (its own would be lost).
+        fusable = isinstance(bn, nn.BatchNorm1d) and getattr(bn, "activation", None) is None
         if fusable and _fusable_activation(act) is not None:
             seq._modules[name] = _replacement(bn, _fusable_activation(act), process_group)
             seq._modules[next_name] = nn.Identity()
