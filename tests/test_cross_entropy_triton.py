@@ -328,6 +328,15 @@ def test_backward_kernel_scales_rows_and_skips_ones(kernels):
     assert torch.equal(untouched, saved)
     kernels.cross_entropy_backward(untouched, torch.tensor(-0.5, device=DEVICE))
     torch.testing.assert_close(untouched, saved * -0.5, atol=0, rtol=0)
+    # The skip itself: a row scaled by 1 would be unchanged in value anyway, but a signaling NaN changes
+    # bits when multiplied (it comes back quiet). Rows with grad_output == 1 must keep its exact bits;
+    # the others (scaled by 2) show that the kernel does quiet it when it touches a row.
+    snan = torch.full((8, 27), 0x7F800001, dtype=torch.int32, device=DEVICE).view(torch.float32)
+    scale = torch.tensor([1.0, 2.0] * 4, device=DEVICE)
+    kernels.cross_entropy_backward(snan, scale)
+    bits = snan.view(torch.int32)
+    assert (bits[scale == 1] == 0x7F800001).all(), "rows with grad_output == 1 were rewritten"
+    assert (bits[scale == 2] != 0x7F800001).all(), "scaled rows kept a signaling NaN: the check cannot see writes"
 
 
 @pytest.mark.usefixtures("triton_backend")
