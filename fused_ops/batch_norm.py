@@ -229,14 +229,19 @@ def forward_torch(
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var_unbiased, momentum)
     scale = _channel_view(invstd if weight is None else invstd * _to(weight, stat), ndim)
-    if bias is None:  # y = gamma * xhat (+ beta), in place over `centered`
-        out = centered.mul_(scale)
+    # Eager: y is written in place over `centered`, our own temporary. Under torch.compile, out of place:
+    # torch 2.11's compile returns a zero input gradient from a Function whose output was written in
+    # place over an intermediate (found by CI's torch 2.11 run); Inductor plans the buffers itself anyway.
+    inplace = not torch.compiler.is_compiling()
+    if bias is None:  # y = gamma * xhat (+ beta)
+        out = centered.mul_(scale) if inplace else centered * scale
     else:
-        out = torch.addcmul(_channel_view(_to(bias, stat), ndim), centered, scale, out=centered)
+        bias_view = _channel_view(_to(bias, stat), ndim)
+        out = torch.addcmul(bias_view, centered, scale, out=centered if inplace else None)
     if activation == "tanh":
-        out = out.tanh_()
+        out = out.tanh_() if inplace else out.tanh()
     elif activation == "relu":
-        out = out.relu_()
+        out = out.relu_() if inplace else out.relu()
     return _to(out, x.dtype), mean, invstd
 
 

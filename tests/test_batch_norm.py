@@ -260,12 +260,6 @@ def test_momentum_none_has_no_host_sync():
         torch.ones(()).item()
 
 
-@pytest.mark.xfail(
-    torch.__version__.startswith("2.11."),
-    strict=True,
-    reason="known fault at the torch floor (found by .ci/run's torch 2.11 run, not yet root-caused): under "
-    "torch 2.11's torch.compile (aot_eager) BatchNorm's input gradient comes back all zeros; eager is right",
-)
 def test_module_traces_with_torch_compile():
     """fullgraph: no graph break (no host sync, no data-dependent branch) in forward or backward."""
     m = fused_ops.BatchNorm1d(6, momentum=None, activation="tanh")
