@@ -285,7 +285,12 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as error:
         sys.exit(f"error: --ddp: {error}")
     try:
-        return run(args, ddp)
+        status = run(args, ddp)
+        # Leave together: the other ranks return while rank 0 still evaluates and samples, and a rank that
+        # tore down its gloo group then sometimes aborted ("terminate called without an active
+        # exception", exit -6; seen under load). A rank that raised skips this, and its peers fail fast.
+        dist.barrier()
+        return status
     finally:
         cleanup_ddp()
 
