@@ -220,10 +220,10 @@ def mode_fn(runner: Runner, mode: str) -> Timed:
 def fused_backend(device: torch.device, op: str) -> str:
     """The fused provider's backend, forced, never a fallback: the Triton kernels on CUDA; on CPU the
     native kernels for cross-entropy, the PyTorch path for BatchNorm (no native BatchNorm kernels yet),
-    and "auto" for the makemore step (which then runs each op as above)."""
+    and "auto" for the makemore step and linear + cross-entropy (which then run each op as above)."""
     if device.type == "cuda":
         return "triton"
-    return {"ce": "native", "makemore": "auto"}.get(op, "torch")
+    return {"ce": "native", "makemore": "auto", "lce": "auto"}.get(op, "torch")
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -259,7 +259,7 @@ def build(case: Case, provider: str, device: torch.device, seed: int = 0) -> Run
     if case.op in cnn.OPS:
         return cnn.build(
             case.op, case.shape, DTYPES[case.dtype], provider, device, generator, Runner, _compiled,
-            fused_backend(device),
+            fused_backend(device, case.op),
         )
     return _build_batch_norm(case, provider, device, generator)
 

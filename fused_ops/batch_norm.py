@@ -318,7 +318,19 @@ def _affine_(t: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -
     return t if shift is None else t.add_(_channel_view(shift, t.ndim))
 
 
+def _activate(u: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """activation(u) out of place."""
+    if activation == "relu":
+        return u.relu()
+    if activation == "tanh":
+        return u.tanh()
+    if activation == "silu":
+        return F.silu(u)
+    return u
+
+
 def _activate_(u: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """activation(u) in place."""
     if activation == "relu":
         return u.relu_()
     if activation == "tanh":
@@ -409,11 +421,14 @@ def _training_input_grad_(
 
 
 def _update_running(running: torch.Tensor, batch: torch.Tensor, momentum: float | torch.Tensor) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place, computed in batch's dtype."""
-    if running.dtype == batch.dtype:
-        running.lerp_(batch, momentum)  # running + momentum * (batch - running)
-    else:  # fp16/bf16 running stats: update in float32, round once
-        running.copy_(running.to(batch.dtype).lerp_(batch, momentum))
+    """running = (1 - momentum) * running + momentum * batch, in place, computed in batch's dtype.
+
+    Written as torch writes it, not as lerp: lerp(running, inf, 1) is nan (inf - inf), torch's is inf
+    (a variance that overflows; found by tests/test_fuzz.py)."""
+    stats = running if running.dtype == batch.dtype else running.to(batch.dtype)  # fp16/bf16: round once
+    stats.mul_(1 - momentum).add_(batch * momentum)
+    if stats is not running:
+        running.copy_(stats)
 
 
 def _scale_shift(
@@ -443,15 +458,16 @@ def forward_torch(
 
     Training normalises with the batch statistics and, when running stats are given, updates them in
     place with the unbiased variance: running = (1 - momentum) * running + momentum * batch.
-    Eval normalises with the running stats. Both apply the statistics folded into one scale and shift
-    per channel, y = act(x * gamma * invstd + (beta - mean * gamma * invstd) + residual), as torch's
-    CPU kernel does (one pass over x instead of two); training on fp16/bf16 input applies them to
-    x - mean, which it holds anyway.
+    Eval normalises with the running stats folded into one scale and shift per channel,
+    y = act(x * gamma * invstd + (beta - mean * gamma * invstd) + residual), as torch's CPU kernel does
+    (one pass over x). Training applies them to x - mean instead, y = act((x - mean) * gamma * invstd +
+    beta + residual): folding would round x * gamma * invstd, which for |mean| >> std is far larger
+    than y (found by tests/test_fuzz.py: a zero-variance channel at 1e4 lost 0.3 in float32).
 
     Training takes the batch variance in two passes, the mean and then the mean square of x - mean
     (accurate when |mean| >> std), squaring x - mean in place in the output's buffer, which then
-    receives y: one N x C allocation in all. fp16/bf16 input is converted once into that buffer, which
-    then holds x - mean for the affine (a conversion costs as much as a fresh buffer's page faults).
+    receives x - mean again and y over it: one N x C allocation in all. fp16/bf16 input is converted
+    once into that buffer (a conversion costs as much as a fresh buffer's page faults).
     """
     stat = stat_dtype(x.dtype)
     num_features, count = x.shape[1], _count(x)
@@ -468,6 +484,9 @@ def forward_torch(
             mean = x.mean(dims)
             out = _centered(x, mean)  # x - mean: the N x C buffer
             var = out.square_().mean(dims)  # biased: sum((x - mean)^2) / n, squared in place
+            # x - mean again, into the buffer that takes y: the affine then never rounds x * gamma * invstd,
+            # which for |mean| >> std holds far more than y (a zero-variance channel gives beta exactly)
+            centered = _centered(x, mean, out=out)
         else:  # fp16/bf16: converted once into the buffer, which stays x - mean for an unfolded affine
             centered = x.to(stat)
             mean = centered.mean(dims)
@@ -478,6 +497,16 @@ def forward_torch(
             _update_running(running_mean, mean, momentum)
             _update_running(running_var, var_unbiased, momentum)
     scale, shift = _scale_shift(invstd, weight, bias)
+    if torch.compiler.is_compiling():
+        # Out of place under torch.compile: torch 2.11's compile returns a zero input gradient from a
+        # Function whose output was written in place over one of its intermediates (found by CI's torch
+        # 2.11 run). Inductor plans the buffers itself anyway; eager keeps the in-place saving below.
+        u = (_to(x, stat) - _channel_view(mean, x.ndim)) * _channel_view(scale, x.ndim)
+        if shift is not None:
+            u = u + _channel_view(shift, x.ndim)
+        if residual is not None:
+            u = u + residual
+        return _to(_activate(u, activation), x.dtype), mean, invstd
     if centered is not None:
         out = _affine_(centered, scale, shift)  # y = (x - mean) * scale + beta
     else:

@@ -10,7 +10,9 @@ row i as loss_i = -sum_c q_ic * logp_ic, with q the weighted, smoothed target di
     probability target:  q_ic = w[c] * ((1 - eps) * p_ic + eps / C)
 Since logp_ic = z_ic - logsumexp(z_i), d(loss_i)/d(z_ic) = softmax_ic * sum_c q_ic - q_ic. The reduction
 scales it: "mean" divides by sum_i w[y_i] over non-ignored rows (the count without weights), or by M
-for probability targets, exactly as torch does; "sum" and "none" by 1. Ignored rows get a zero gradient.
+for probability targets, exactly as torch does; "sum" and "none" by 1. An ignored row adds exactly nothing,
+whatever it holds (inf, nan): loss 0 and gradient 0 (torch's gradient there is nan when the row holds nan,
++inf or only -inf; its loss is 0, as here).
 
 Two options, both off by default. z_loss (PaLM's auxiliary loss; Liger-Kernel's lse_square_scale) adds
 z_loss * lse_i^2 to the loss of every counted row (non-ignored, or every row for probability targets),
@@ -131,6 +133,13 @@ def _check_tensors(
         raise ValueError(f"{op}: input has no classes (C = 0), shape {tuple(input.shape)}")
 
     if target.is_floating_point() and not sharded:
+        index_shape = input.shape[:1] + input.shape[2:] if ndim > 1 else torch.Size([])
+        if target.shape != input.shape and target.shape == index_shape:
+            raise TypeError(
+                f"{op}: target has dtype {target.dtype} and shape {tuple(target.shape)}, the shape of class "
+                f"indices: class indices need an integer dtype (target.long()); a float target is read as "
+                f"class probabilities, of the input's shape {tuple(input.shape)}"
+            )
         if target.shape != input.shape:
             raise ValueError(
                 f"{op}: a probability target (float dtype) must have the input's shape "
@@ -350,7 +359,8 @@ def cross_entropy_reference(
     w_y = active.to(acc) if w is None else torch.where(active, w.take(y), 0.0)  # w[y_i], 0 if ignored
     if not targets_in_range:
         w_y = w_y.masked_fill(active & (y != target), float("nan"))  # out-of-range target -> nan row
-    row_loss = logp.gather(1, y).mul_(w_y)  # w[y_i] * logp_iy
+    # w[y_i] * logp_iy; an ignored row gives exactly 0 whatever it holds (0 * -inf would be nan)
+    row_loss = torch.where(active, logp.gather(1, y), 0.0).mul_(w_y)
     row_loss = row_loss.neg_() if eps == 0 else row_loss.mul_(eps - 1.0)  # * -(1 - eps)
     if eps > 0:  # torch adds the smoothing term only then (so -inf logits stay finite at eps = 0)
         smooth = (logp if w is None else logp * w).sum(1, keepdim=True)  # sum_c w_c * logp_ic
@@ -388,6 +398,7 @@ def cross_entropy_reference(
     if eps > 0:  # - s_i * eps / C * w_c everywhere
         grad = grad.sub_((row_scale if w is None else row_scale * w) * (eps / num_classes))
     grad = _soft_cap_grad(grad, tanh)
+    grad = grad.masked_fill_(~active, 0.0)  # ignored rows: exactly 0, also where they hold inf or nan
     return _to(loss, loss_dtype or logits.dtype), _to(grad, logits.dtype)
 
 

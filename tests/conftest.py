@@ -14,6 +14,18 @@ if not torch.cuda.is_available():
 
 from fused_ops.backend import triton_available
 
+try:  # hypothesis profiles for tests/test_fuzz.py; --hypothesis-profile=NAME on the command line wins
+    from hypothesis import HealthCheck, settings
+except ImportError:  # test_fuzz.py skips itself without hypothesis
+    pass
+else:
+    _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+    # CI: a fixed seed (derandomize) and a bounded number of examples (a backend runs its share of them).
+    settings.register_profile("fuzz-ci", max_examples=60, derandomize=True, database=None, **_common)
+    # On demand: many more, randomised examples; failures are kept in .hypothesis/ and replayed first.
+    settings.register_profile("fuzz-long", max_examples=3000, **_common)
+    settings.load_profile("fuzz-ci")
+
 
 @pytest.fixture(autouse=True)
 def seeded() -> None:

@@ -531,10 +531,48 @@ def test_state_dict_round_trips(kwargs, tmp_path):
     assert_same(fused_model.state_dict(), torch_model.state_dict())
     x = torch.randn(5, 3)
     torch.testing.assert_close(fused_model.eval()(x), torch_model.eval()(x), **F32)
-    # and back: train the fused one further, load into a fresh torch model
-    fused_model.train()
+    # and back: train both further on the same batches (the fused steps must match torch's), then load
+    # the fused state into a fresh torch model, which must then compute what the trained torch one does
+    fused_model.train(), torch_model.train()
     for _ in range(2):
-        fused_model(torch.randn(10, 3))
+        x = torch.randn(10, 3)
+        torch.testing.assert_close(fused_model(x), torch_model(x), **F32)
+    assert_same(fused_model.state_dict(), torch_model.state_dict(), **F32)
     back = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, **kwargs))
     back.load_state_dict(fused_model.state_dict())
-    assert_same(back.state_dict(), fused_model.state_dict())
+    assert_same(back.state_dict(), torch_model.state_dict(), **F32)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(back.eval()(x), torch_model.eval()(x), **F32)
+
+
+def test_running_var_overflow_is_inf_as_in_torch():
+    """Found by tests/test_fuzz.py (issue 11): a batch variance that overflows float64 made running_var
+    nan (lerp's inf - inf), where torch's (1 - momentum) * running + momentum * batch gives inf."""
+    x = torch.tensor([[torch.finfo(torch.float64).max], [-0.29343]], dtype=torch.float64)
+    for momentum in (1.0, 0.5):
+        ours = (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        theirs = (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+        fused_ops.batch_norm(x, *ours, training=True, momentum=momentum)
+        F.batch_norm(x, *theirs, training=True, momentum=momentum)
+        torch.testing.assert_close(ours, theirs)
+        assert ours[1].isinf().all()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+@pytest.mark.parametrize("activation", [None, "tanh"])
+def test_eval_with_running_var_near_zero_uses_eps(eps, activation):
+    """Eval divides by sqrt(running_var + eps): with running_var near 0, eps decides the output (the other
+    eval tests draw running_var >= 0.5, where dropping eps stayed within tolerance)."""
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    running_mean = torch.randn(5, dtype=torch.float64)
+    running_var = torch.rand(5, dtype=torch.float64) * 1e-6
+    weight, bias = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    args = (running_mean, running_var, weight, bias, False, 0.1, eps)
+    with use_backend("torch"):
+        ours = fused_ops.batch_norm(x, *args, activation=activation)
+    expected = F.batch_norm(x, *args)
+    expected = expected if activation is None else torch.tanh(expected)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    (dx,) = torch.autograd.grad(ours.sum(), x)
+    (expected_dx,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-12, atol=1e-12)

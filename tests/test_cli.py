@@ -3,6 +3,7 @@
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,3 +84,26 @@ def test_bad_arguments_exit_with_an_error(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code != 0
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_unwritable_output_path_fails_before_training(option, tmp_path, capsys):
+    missing = tmp_path / "missing" / "out.file"
+    with pytest.raises(SystemExit, match=rf"^error: {option} .*missing.* does not exist"):
+        main(["train", "--steps", "5", option, str(missing)])
+    with pytest.raises(SystemExit, match=rf"^error: {option} .*is a directory"):
+        main(["train", "--steps", "5", option, str(tmp_path)])
+    assert "makemore MLP" not in capsys.readouterr().out  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "not a torch device"), ("cuda", "CPU-only build|sees no GPU")],
+)
+def test_unusable_device_is_an_error_line(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run(sys.executable, "-m", "fused_ops", "train", "--steps", "5", "--device", device)
+    assert result.returncode == 1
+    assert re.match(rf"error: --device {device}: .*({message})", result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and "makemore MLP" not in result.stdout

@@ -304,3 +304,32 @@ def test_existing_sync_batch_norm_keeps_its_group(world):
     first = list(model)
     fused_ops.convert(model, process_group=world)
     assert list(model) == first  # nothing left to convert
+
+
+# Issue 11: tests that a planted bug got through. Each checks what the convert tests above left out.
+def test_convert_keeps_every_hyperparameter_and_eval_output():
+    """eps, momentum, affine, tracking: carried over (the tests above used only the default eps). Eval
+    with running_var near 0 makes eps decide the output."""
+    bn = nn.BatchNorm1d(5, eps=0.25, momentum=0.7)
+    with torch.no_grad():
+        bn.running_var.uniform_(0, 1e-4)
+        bn.running_mean.normal_()
+    model = nn.Sequential(bn).eval()
+    x = torch.randn(4, 5)
+    expected = model(x)
+    fused_ops.convert(model)
+    assert (model[0].eps, model[0].momentum) == (0.25, 0.7)
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("with_group", [False, True], ids=["no_group", "process_group"])
+def test_convert_never_refuses_a_module_with_an_activation(with_group, request):
+    """A fused BatchNorm1d that already has an activation, followed by nn.Tanh, keeps its activation and
+    the Tanh: fusing again would silently replace its relu."""
+    group = request.getfixturevalue("world") if with_group else None
+    model = nn.Sequential(fused_ops.BatchNorm1d(4, activation="relu"), nn.Tanh())
+    x = torch.randn(6, 4)
+    expected = model(x)
+    fused_ops.convert(model, process_group=group)
+    assert model[0].activation == "relu" and isinstance(model[1], nn.Tanh)
+    torch.testing.assert_close(model(x), expected)

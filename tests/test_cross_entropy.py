@@ -220,7 +220,12 @@ def _bad_cases():
     return [
         ("target out of range", {"input": x, "target": torch.tensor([0, 5, 1, 1])}, IndexError, "target"),
         ("negative target", {"input": x, "target": torch.tensor([0, -1, 1, 1])}, IndexError, "target"),
-        ("float target of index shape", {"input": x, "target": y.float()}, ValueError, "target"),
+        (
+            "float target of index shape",
+            {"input": x, "target": y.float()},
+            TypeError,
+            r"class indices need an integer dtype \(target.long\(\)\)",
+        ),
         ("bool target", {"input": x, "target": torch.ones(4, dtype=torch.bool)}, TypeError, "target"),
         ("int16 target", {"input": x, "target": y.to(torch.int16)}, TypeError, "target"),
         (
@@ -556,3 +561,39 @@ def test_module_options_and_legacy_arguments():
     torch.testing.assert_close(W.grad, ref_W.grad)
     with pytest.raises(IndexError, match="target"):
         loss_fn(torch.randn(4, 5), torch.tensor([0, 1, 2, 9]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 11: non-finite values in ignored rows (found by hand; the fuzz suite, tests/test_fuzz.py, covers
+# the kind). An ignored row contributes exactly nothing, whatever it holds.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "fill",
+    ["-inf_at_clamped_index", "all_-inf", "+inf", "nan"],
+)
+def test_ignored_row_with_non_finite_logits_adds_nothing(fill, smoothing):
+    x = torch.randn(3, 5)
+    if fill == "-inf_at_clamped_index":  # ignore_index -100 is clamped to class 0 for the gather
+        x[1, 0] = float("-inf")
+    else:
+        x[1] = float({"all_-inf": "-inf", "+inf": "inf", "nan": "nan"}[fill])
+    target = torch.tensor([2, -100, 4])
+    for reduction in ("mean", "sum", "none"):
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+        ours = fused_ops.cross_entropy(x.clone().requires_grad_(), target, **kwargs)
+        torch.testing.assert_close(ours.detach(), F.cross_entropy(x, target, **kwargs))
+        assert torch.isfinite(ours).all()
+    leaf = x.clone().requires_grad_()
+    fused_ops.cross_entropy(leaf, target, label_smoothing=smoothing, z_loss=1e-3, softcap=5.0).backward()
+    assert torch.equal(leaf.grad[1], torch.zeros(5))  # torch's own gradient there is nan (but for -inf at 0)
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_ignore_index_inside_the_classes_with_minus_inf_at_the_last_class():
+    x = torch.randn(4, 5)
+    x[:, 4] = float("-inf")  # a masked class, which is also ignore_index
+    target = torch.tensor([0, 4, 2, 4])
+    for reduction in ("mean", "sum", "none"):
+        ours = fused_ops.cross_entropy(x, target, ignore_index=4, reduction=reduction)
+        torch.testing.assert_close(ours, F.cross_entropy(x, target, ignore_index=4, reduction=reduction))

@@ -180,6 +180,14 @@ def test_defaults_are_bitwise_unchanged(kind, cpu_backend):
                 fused_ops.cross_entropy, x, target, **kwargs, z_loss=0.0, softcap=None
             )
             assert torch.equal(plain, off) and torch.equal(plain_grad, off_grad)
+            # ... which is torch's cross-entropy, and the options are live: each changes the result
+            if dtype != torch.bfloat16:  # torch wants weight in input's dtype
+                same = {**kwargs, "weight": None if weight is None else weight.to(dtype)}
+                ref, ref_grad = loss_and_grad(F.cross_entropy, x, target, **same)
+                torch.testing.assert_close(off, ref) and torch.testing.assert_close(off_grad, ref_grad)
+            for option in ({"z_loss": 1e-3}, {"softcap": 30.0}):
+                on, on_grad = loss_and_grad(fused_ops.cross_entropy, x, target, **kwargs, **option)
+                assert not torch.equal(on, off) and not torch.equal(on_grad, off_grad), option
 
 
 def test_inplace_backward_with_softcap_overwrites_logits_with_dx(cpu_backend):
@@ -318,4 +326,10 @@ def test_kernels_defaults_are_bitwise_unchanged(shape):
         off, off_grad = loss_and_grad(
             fused_ops.cross_entropy, x, target, label_smoothing=0.1, z_loss=0.0, softcap=None
         )
+        on = [loss_and_grad(fused_ops.cross_entropy, x, target, label_smoothing=0.1, **option)
+              for option in ({"z_loss": 1e-3}, {"softcap": 30.0})]  # fmt: skip
     assert torch.equal(plain, off) and torch.equal(plain_grad, off_grad)
+    ref, ref_grad = loss_and_grad(F.cross_entropy, x, target, label_smoothing=0.1)
+    torch.testing.assert_close(off, ref) and torch.testing.assert_close(off_grad, ref_grad)
+    for loss, grad in on:  # the options are live in the kernels: each changes the result
+        assert not torch.equal(loss, off) and not torch.equal(grad, off_grad)

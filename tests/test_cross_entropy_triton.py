@@ -8,6 +8,8 @@ torch's own error, no host syncs, CUDA graphs, and N x C >= 2^31 for the 64-bit 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -326,6 +328,15 @@ def test_backward_kernel_scales_rows_and_skips_ones(kernels):
     assert torch.equal(untouched, saved)
     kernels.cross_entropy_backward(untouched, torch.tensor(-0.5, device=DEVICE))
     torch.testing.assert_close(untouched, saved * -0.5, atol=0, rtol=0)
+    # The skip itself: a row scaled by 1 would be unchanged in value anyway, but a signaling NaN changes
+    # bits when multiplied (it comes back quiet). Rows with grad_output == 1 must keep its exact bits;
+    # the others (scaled by 2) show that the kernel does quiet it when it touches a row.
+    snan = torch.full((8, 27), 0x7F800001, dtype=torch.int32, device=DEVICE).view(torch.float32)
+    scale = torch.tensor([1.0, 2.0] * 4, device=DEVICE)
+    kernels.cross_entropy_backward(snan, scale)
+    bits = snan.view(torch.int32)
+    assert (bits[scale == 1] == 0x7F800001).all(), "rows with grad_output == 1 were rewritten"
+    assert (bits[scale == 2] != 0x7F800001).all(), "scaled rows kept a signaling NaN: the check cannot see writes"
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -363,11 +374,30 @@ def test_makemore_shape_launches(kernels, monkeypatch):
 def test_launch_settings(kernels):
     small = kernels.forward_settings(27)
     assert small.BLOCK_N >= 32 and small.BLOCK_C >= 27 and small.SINGLE_PASS  # not one program per row
-    for C in (1, 27, 1000, 16384, 16385, 262144):
-        rung = kernels.forward_settings(C)
+    for C, prob in itertools.product((1, 27, 1000, 4096, 4097, 16384, 16385, 262144), (False, True)):
+        rung = kernels.forward_settings(C, prob)
         assert rung.SINGLE_PASS == (C <= rung.BLOCK_C)
+    assert kernels.forward_settings(16384).SINGLE_PASS and not kernels.forward_settings(16384, True).SINGLE_PASS
     with pytest.raises(ValueError, match="C <="):
         kernels.forward_settings(kernels.MAX_CLASSES + 1)
+
+
+@pytest.mark.parametrize("C", [3000, 5000], ids=["prob_single_pass_4096", "prob_two_sweeps"])
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.interpreter
+@needs_kernels
+def test_probability_target_rungs(kernels, C):
+    """The probability-target ladder's own rungs (C = 3000: one 4096-column tile; C = 5000: two sweeps,
+    where index targets still take one pass), with the options that made them spill: weight, softcap."""
+    rung = kernels.forward_settings(C, prob_target=True)
+    assert rung.SINGLE_PASS == (C == 3000)
+    x, target = make_inputs((2, C), "prob")
+    kwargs = {"weight": torch.rand(C, device=DEVICE) + 0.2, "label_smoothing": 0.1, "softcap": 4.0}
+    ours, ours_grad = run(x, target, **kwargs)
+    with fused_ops.use_backend("torch"):
+        path, path_grad = run(x, target, **kwargs)
+    torch.testing.assert_close(ours, path, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_grad, path_grad, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -532,3 +562,19 @@ def test_gpu_64bit_offsets():
     ref, ref_grad = run_torch(x.detach()[tail].float(), target[tail], reduction="none")
     torch.testing.assert_close(loss[tail].float(), ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(x.grad[tail].float(), ref_grad, atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.interpreter
+@needs_kernels
+def test_subnormal_label_smoothing_and_z_loss(dtype):
+    """Found by tests/test_fuzz.py: label_smoothing=1e-39 (an fp32 subnormal) gave a loss of 0 for bf16
+    logits under the interpreter. Subnormal scalars act as 0 on the Triton path (fp32 arithmetic)."""
+    x = torch.tensor([[1.5391, -0.2930]], device=DEVICE).to(dtype)
+    target = torch.tensor([0], device=DEVICE)
+    expected = fused_ops.cross_entropy(x, target)
+    assert expected.item() > 0.1
+    for tiny in (1e-39, 5e-324):
+        torch.testing.assert_close(fused_ops.cross_entropy(x, target, label_smoothing=tiny), expected)
+        torch.testing.assert_close(fused_ops.cross_entropy(x, target, z_loss=tiny), expected)

@@ -261,13 +261,12 @@ def check_batch_norm(case: dict, observed: list[dict]) -> None:
         )
         if m["track_running_stats"]:
             state["num_batches_tracked"] += 1
+        # One value per channel group-wide: the running stats are left alone, as torch leaves them.
+        if m["track_running_stats"] and x.numel() // x.shape[1] > 1:
             momentum = m["momentum"] if m["momentum"] is not None else 1 / state["num_batches_tracked"].item()
-            if x.numel() // x.shape[1] > 1:
-                state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * x64.detach().mean(
-                    dims
-                )
-                unbiased_var = x64.detach().var(dims, correction=1)
-                state["running_var"] = (1 - momentum) * state["running_var"] + momentum * unbiased_var
+            state["running_mean"] = (1 - momentum) * state["running_mean"] + momentum * x64.detach().mean(dims)
+            unbiased_var = x64.detach().var(dims, correction=1)
+            state["running_var"] = (1 - momentum) * state["running_var"] + momentum * unbiased_var
         for rank, seen in enumerate(observed):
             got = seen["train"][step]
             rows = _rows(counts, rank)
@@ -553,6 +552,9 @@ def _scenarios(world: int) -> dict[str, dict]:
                 gen, f32, 6, None, [[7, 9], [9, 7]], [4, 4], affine=False, activation="relu"
             ),
             "bn_no_running_stats": _bn_case(gen, f64, 3, 2, [[4, 1]], [2, 3], track_running_stats=False),
+            # one value per channel group-wide (rank counts [1, 0]): running stats must stay untouched
+            # (updated, running_var would become nan), then a normal step
+            "bn_one_value_in_group": _bn_case(gen, f64, 3, None, [[1, 0], [2, 3]], [1, 1]),
             # the normalisation step on the Triton kernel (interpreter); the statistics merge is the same
             "bn_triton_3d_tanh": dict(
                 _bn_case(gen, f32, 5, 3, [[4, 0], [2, 5]], [3, 1], activation="tanh"), backend="triton"
@@ -887,3 +889,25 @@ def test_vocab_size_is_read_once_per_group_and_width(one_rank_group):
     assert vocab_parallel._vocab_size(one_rank_group, 5, torch.tensor(11)) == 11  # another width
     other = dist.new_group([0])
     assert vocab_parallel._vocab_size(other, 7, torch.tensor(13)) == 13  # another group
+
+
+@pytest.mark.parametrize("name", ["target", "weight"])
+def test_vocab_parallel_refuses_a_tensor_on_another_device(name):
+    """The device check names the argument: without it, a target on another device fails deep inside."""
+    args = {"logits_shard": torch.randn(4, 5), "target": torch.tensor([0, 1, 4, -100]), "weight": torch.ones(5)}
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but logits_shard is on cpu"):
+        vocab_parallel_cross_entropy(**args)
+
+
+@pytest.mark.gpu
+def test_gpu_vocab_parallel_out_of_range_target_row_is_nan_forward_and_backward():
+    """On CUDA (no host sync, no validate) an out-of-range target makes its row's loss and gradient nan;
+    on CPU it raises instead, so only a GPU can run this."""
+    logits = torch.randn(4, 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 7, 2, -100], device="cuda")
+    loss = vocab_parallel_cross_entropy(logits, target, reduction="none")
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all() and loss[3] == 0
+    loss.backward(torch.ones_like(loss))
+    assert logits.grad[1].isnan().all()
+    assert logits.grad[[0, 2, 3]].isfinite().all() and (logits.grad[3] == 0).all()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -239,10 +240,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the loss curve (needs matplotlib)")
 
 
+def _check_device(device: str) -> None:
+    """Exit with an `error:` line unless `device` names a torch device that this torch can use."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        sys.exit(f"error: --device {device}: not a torch device; use cpu or cuda (or cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but sees no GPU"
+        sys.exit(f"error: --device {device}: torch {torch.__version__} is {why}; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        sys.exit(f"error: --device {device}: {str(error).splitlines()[0]}")
+
+
+def _check_output_path(option: str, path: str) -> None:
+    """Exit with an `error:` line unless `path` can be written: checked before training, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        sys.exit(f"error: {option} {path}: is a directory; give a file name")
+    if not os.path.isdir(folder):
+        sys.exit(f"error: {option} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        sys.exit(f"error: {option} {path}: not writable")
+
+
 def main(args: argparse.Namespace) -> int:
     """Train, evaluate, sample and report, as the CLI's `train` command; with --ddp, as one rank."""
     if args.steps < 1:
         sys.exit(f"error: --steps must be >= 1, got {args.steps}")
+    _check_device(args.device)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _check_output_path(option, path)
     if args.plot:
         _import_pyplot()  # fail before training, not after
     if not args.ddp:
@@ -254,7 +285,12 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as error:
         sys.exit(f"error: --ddp: {error}")
     try:
-        return run(args, ddp)
+        status = run(args, ddp)
+        # Leave together: the other ranks return while rank 0 still evaluates and samples, and a rank that
+        # tore down its gloo group then sometimes aborted ("terminate called without an active
+        # exception", exit -6; seen under load). A rank that raised skips this, and its peers fail fast.
+        dist.barrier()
+        return status
     finally:
         cleanup_ddp()
 

@@ -27,7 +27,8 @@ Kernels:
     cross_entropy_bwd_kernel    grad *= grad_output in place (per row for "none"); rows where
                                 grad_output == 1 are skipped, so loss.backward() moves no bytes
 
-Launch settings come from `forward_settings(C)`, a fixed ladder: for C <= 16384 a program holds whole
+Launch settings come from `forward_settings(C, prob_target)`, a fixed ladder: for C <= 16384 (index
+targets; 4096 for probability targets, whose target tile needs registers too) a program holds whole
 rows in registers (C <= 32: 64 rows per program, so makemore's (32, 27) is one program, one launch)
 and the logits are read once; beyond it a program streams its row in column blocks with an online
 softmax (running max and sum), then sweeps the row again to write the gradient (that re-read of a row
@@ -426,12 +427,28 @@ class ForwardSettings(NamedTuple):
 
 # Many rows per program for small C (tiles of 2048 and 4096), a whole row per program up to 16384
 # classes, then two sweeps over 4096-column blocks. Warps are set so that no variant spills registers
-# on sm_80 or sm_90 (tests/test_kernel_compile.py); fixed rungs keep the compiled variants few (58).
+# on sm_80 or sm_90 on triton 3.6, 3.7.1 and 3.9 (tests/compile_kernels.py; CI checks 3.6 and 3.9). On
+# 3.8.0, three softcap variants of the two-sweep rung (index targets; not a default, not benchmarked)
+# spill 8 bytes on sm_90: ptxas 13 moves 8 bytes of packed predicates to the stack at register counts
+# it picks itself (64, 80); 4 or 16 warps, or 2048-column blocks, only move the spill to other versions.
+# Fixed rungs keep the compiled variants few.
 FORWARD_LADDER = (
     ForwardSettings(32, 64, 32, True, 8),
     ForwardSettings(1024, 4, 1024, True, 8),
     ForwardSettings(16384, 1, 16384, True, 16),
     ForwardSettings(None, 1, 4096, False, 8),
+)
+# Probability targets keep a second tile live (the targets, then q) beside the logits until the
+# gradient is written. A whole 16384-class row then needs more than the 128 registers a thread has at
+# 16 warps (sm_90 spilled up to 112 bytes, triton 3.9), and at 8 warps ptxas 13 (triton >= 3.7) spills
+# 8 bytes of packed predicates in several variants near 80 registers. These rungs use fewer elements
+# per thread, or 4 warps for the smallest tile, and compile without spills on triton 3.6 to 3.9.
+# Not timed on a GPU yet: probability targets are off the benchmarked (index-target) path.
+PROB_FORWARD_LADDER = (
+    ForwardSettings(32, 64, 32, True, 4),
+    ForwardSettings(1024, 4, 1024, True, 16),
+    ForwardSettings(4096, 1, 4096, True, 16),
+    ForwardSettings(None, 1, 4096, False, 16),
 )
 BACKWARD_LADDER = (  # (max_classes, BLOCK_N, BLOCK_C, num_warps)
     (32, 64, 32, 4),
@@ -450,12 +467,12 @@ def _check_classes(num_classes: int) -> None:
         raise ValueError(f"cross_entropy kernels: need 0 < C <= {MAX_CLASSES}, got C = {num_classes}")
 
 
-def forward_settings(num_classes: int) -> ForwardSettings:
-    """The first rung of FORWARD_LADDER that holds C classes. Deterministic; raises past MAX_CLASSES."""
+def forward_settings(num_classes: int, prob_target: bool = False) -> ForwardSettings:
+    """The first rung of FORWARD_LADDER (PROB_FORWARD_LADDER for probability targets) that holds C
+    classes. Deterministic; raises past MAX_CLASSES."""
     _check_classes(num_classes)
-    return next(
-        rung for rung in FORWARD_LADDER if rung.max_classes is None or num_classes <= rung.max_classes
-    )
+    ladder = PROB_FORWARD_LADDER if prob_target else FORWARD_LADDER
+    return next(rung for rung in ladder if rung.max_classes is None or num_classes <= rung.max_classes)
 
 
 def backward_settings(num_classes: int) -> tuple[int, int, int]:
@@ -467,6 +484,16 @@ def backward_settings(num_classes: int) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------
 # Launchers.
 # ----------------------------------------------------------------------------------------------------
+SMALLEST_NORMAL_FP32 = 2.0**-126
+
+
+def _kernel_scalar(value: float) -> float:
+    """A float argument as the kernels see it: fp32, subnormals flushed to 0. Triton types a Python float
+    below fp32's smallest normal as fp64 in the interpreter, which then wrote a 0 loss for bf16 logits
+    (found by tests/test_fuzz.py with label_smoothing=1e-39); compiled, the value is an fp32 scalar."""
+    return 0.0 if abs(value) < SMALLEST_NORMAL_FP32 else float(value)
+
+
 def cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -493,14 +520,14 @@ def cross_entropy_forward(
     + forward + finish ("mean"/"sum").
     """
     num_rows, num_classes = logits.shape
-    settings = forward_settings(num_classes)
+    prob = target.is_floating_point()
+    settings = forward_settings(num_classes, prob)
     dtype, device = loss_dtype or logits.dtype, logits.device
     code = REDUCTION_CODES[reduction]
     if num_rows == 0:  # as torch: mean of nothing is nan, sum is 0
         if code == 0:
             return torch.empty(0, dtype=dtype, device=device)
         return torch.full((), float("nan") if code == 2 else 0.0, dtype=dtype, device=device)
-    prob = target.is_floating_point()
     if not prob and target.dtype != torch.int64:
         target = target.to(torch.int64)
     if weight is not None:
@@ -545,9 +572,9 @@ def cross_entropy_forward(
         M=num_rows,
         C=num_classes,
         ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
+        label_smoothing=_kernel_scalar(label_smoothing),
         inv_rows=1.0 / num_rows if prob and code == 2 else 1.0,
-        z_loss=float(z_loss),
+        z_loss=_kernel_scalar(z_loss),
         softcap=1.0 if softcap is None else float(softcap),  # unread without SOFTCAP
         num_denom_partials=num_denom_partials,
         reduction=code,
@@ -601,9 +628,10 @@ def specializations() -> Iterator[KernelSpec]:
     autocast."""
     for dtype in TORCH_TO_TRITON.values():
         loss_dtypes = (dtype,) if dtype == "fp32" else (dtype, "fp32")
-        for rung, has_weight, prob, softcap, loss in itertools.product(
-            FORWARD_LADDER, (False, True), (False, True), (False, True), loss_dtypes
+        for prob, rung_index, has_weight, softcap, loss in itertools.product(
+            (False, True), range(len(FORWARD_LADDER)), (False, True), (False, True), loss_dtypes
         ):
+            rung = (PROB_FORWARD_LADDER if prob else FORWARD_LADDER)[rung_index]
             signature = {
                 "X_ptr": f"*{dtype}",
                 "T_ptr": f"*{dtype}" if prob else "*i64",
