@@ -576,3 +576,17 @@ def test_eval_with_running_var_near_zero_uses_eps(eps, activation):
     (dx,) = torch.autograd.grad(ours.sum(), x)
     (expected_dx,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(dx, expected_dx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (3, 1, 5), (4, 1, 3, 3)], ids=["2d", "3d", "4d"])
+def test_zero_variance_channel_far_from_zero_keeps_beta(shape):
+    """Found by tests/test_fuzz.py (merging issues 11 and 13): training folded the statistics into
+    x * gamma * invstd + (beta - mean * gamma * invstd), which for a constant channel at 1e4 rounds
+    products near 8e6 for an output of -0.29: float32 lost 0.3 (torch 0.027). Formed as x - mean first,
+    the output is beta exactly."""
+    weight, bias = torch.tensor([2.541]), torch.tensor([-0.2934])
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full(shape, 1e4, dtype=dtype)
+        with use_backend("torch"):
+            y = fused_ops.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), training=True)
+        assert torch.equal(y, torch.full_like(x, bias.to(dtype).item())), (dtype, y.flatten()[:3])
