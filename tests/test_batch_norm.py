@@ -260,6 +260,7 @@ def test_momentum_none_has_no_host_sync():
         torch.ones(()).item()
 
 
+@pytest.mark.compile
 def test_module_traces_with_torch_compile():
     """fullgraph: no graph break (no host sync, no data-dependent branch) in forward or backward."""
     m = fused_ops.BatchNorm1d(6, momentum=None, activation="tanh")

@@ -213,6 +213,7 @@ def test_module_passes_the_options(cpu_backend):
     torch.testing.assert_close(loss_fn(x, target), expected, atol=0, rtol=0)
 
 
+@pytest.mark.compile
 def test_torch_compile_traces_the_options(cpu_backend):
     """fullgraph: no graph break from the options; aot_eager traces as Inductor would."""
     x = torch.randn(8, 27, requires_grad=True)

@@ -293,6 +293,7 @@ def test_gradient_memory_is_reused_and_fully_rewritten():
     assert other.data_ptr() != grad.data_ptr()
 
 
+@pytest.mark.compile
 # ----------------------------------------------------------------------------------------------------
 # torch.compile: the ops trace (fake kernels), the C++ autograd is traced by AOTAutograd.
 # ----------------------------------------------------------------------------------------------------
@@ -315,6 +316,7 @@ def test_compiles_fullgraph_like_eager(kwargs):
     torch._dynamo.reset()
 
 
+@pytest.mark.compile
 def test_the_makemore_mlp_graph_calls_the_native_op():
     """Under "auto" (what tests/test_compile.py compiles with Inductor), dynamo's graph of a makemore
     forward holds the native op, and BatchNorm's PyTorch path beside it."""

@@ -292,6 +292,7 @@ def test_autocast_matches_eager_autocast():
         assert err <= 2 * torch_err + 1e-3, (err, torch_err)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph_matches_eager(reduction):
     """aot_eager traces as Inductor does (dynamo, AOTAutograd, the compiled backward); fullgraph: a graph
