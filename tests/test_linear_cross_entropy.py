@@ -388,7 +388,12 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("override, error, match", _bad_cases(), ids=lambda v: str(v)[:60])
+@pytest.mark.parametrize(
+    "override, error, match",
+    _bad_cases(),
+    # ids from the argument and the error, not the values: a tensor's repr is no test id
+    ids=[f"{next(iter(o))}-{e.__name__}-{i}" for i, (o, e, _) in enumerate(_bad_cases())],
+)
 def test_bad_input_raises_naming_the_argument(override, error, match):
     x, w, b = (t.detach() for t in make_inputs())
     args = {"input": x, "linear_weight": w, "target": make_target((ROWS,), "int64"), "linear_bias": b}
