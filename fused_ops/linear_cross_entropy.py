@@ -230,14 +230,17 @@ def _upcast_on_cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float()
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """acc + a @ b (a @ b when acc is None), accumulated and returned in `dtype`; acc is updated in place.
-    Half operands (CUDA only here) write float32 straight from the GEMM (`out_dtype`), no half round."""
-    if a.dtype == dtype:
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+def _mm(
+    a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None, dtype: torch.dtype, inplace: bool
+) -> torch.Tensor:
+    """acc + a @ b (a @ b when acc is None), accumulated and returned in `dtype`; acc is updated in place
+    when `inplace`. Half operands (CUDA only here) write float32 straight from the GEMM (`out_dtype`), no
+    half round."""
     if acc is None:
-        return torch.mm(a, b, out_dtype=dtype)
-    return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
+        return torch.mm(a, b) if a.dtype == dtype else torch.mm(a, b, out_dtype=dtype)
+    if a.dtype == dtype:
+        return acc.addmm_(a, b) if inplace else torch.addmm(acc, a, b)
+    return torch.addmm(acc, a, b, out_dtype=dtype, out=acc if inplace else None)
 
 
 def _rows(
@@ -261,8 +264,13 @@ def _rows(
     acc = _acc_dtype(input.dtype)
     rows = input.shape[0]
     need_dx, need_dw, need_db = need
+    # Eager accumulates dX, dW and db in place. Under torch.compile, out of place: dynamo rejects (torch
+    # 2.13) or mistraces (2.11: zero gradients) a Function whose gradients were built by in-place updates
+    # (found by CI's torch 2.11 run); Inductor plans the buffers itself.
+    inplace = not torch.compiler.is_compiling()
+    dx_chunks = []
     weight_mm, bias_mm = _upcast_on_cpu(linear_weight), _upcast_on_cpu(linear_bias)
-    dx = input.new_empty(input.shape, dtype=acc) if need_dx else None
+    dx = input.new_empty(input.shape, dtype=acc) if need_dx and inplace else None
     dw = None
     db = linear_weight.new_zeros(linear_weight.shape[0], dtype=acc) if need_db else None
     need_grad = any(need)
@@ -293,14 +301,21 @@ def _rows(
         if row_grad is None:
             losses.append(loss if call.reduction == "none" else loss.sum())
         else:  # dz *= grad_output of its row
-            grad = grad.mul_(row_grad[start : start + call.chunk_size].unsqueeze(1))
+            row_factor = row_grad[start : start + call.chunk_size].unsqueeze(1)
+            grad = grad.mul_(row_factor) if inplace else grad * row_factor
         if need_dx:  # matmul 2: dX = G @ W
-            dx[start : start + call.chunk_size] = _mm(grad, weight_mm, None, acc)
+            dx_chunk = _mm(grad, weight_mm, None, acc, inplace)
+            if inplace:
+                dx[start : start + call.chunk_size] = dx_chunk
+            else:
+                dx_chunks.append(dx_chunk)
         if need_dw:  # matmul 3: dW += G.T @ x
-            dw = _mm(grad.t(), x, dw, acc)
+            dw = _mm(grad.t(), x, dw, acc, inplace)
         if need_db:  # db += sum over the chunk's rows of G
-            db += grad.sum(0, dtype=acc)
+            db = db.add_(grad.sum(0, dtype=acc)) if inplace else db + grad.sum(0, dtype=acc)
         del grad  # before the next chunk's logits: one chunk of (R, V) buffers alive at a time
+    if need_dx and not inplace:
+        dx = torch.cat(dx_chunks) if dx_chunks else input.new_empty(input.shape, dtype=acc)
     if need_dw and dw is None:  # no rows: dW = 0
         dw = linear_weight.new_zeros(linear_weight.shape, dtype=acc)
     if call.shard is not None and need_dx:  # dX = sum over the ranks of G_r @ W_r
@@ -350,7 +365,10 @@ def _finish_loss(loss: torch.Tensor, scale: _Scale, call: _Call) -> torch.Tensor
     """The summed (or per-row) loss in the accumulation dtype -> the reduced loss in call.loss_dtype."""
     if call.reduction == "mean":
         loss = loss / scale.denom
-    return loss.to(call.loss_dtype)
+    # A new tensor under torch.compile, never an alias of an intermediate: torch 2.11's dynamo returns
+    # every intermediate of a Function's forward too, and gave the twin the gradient (the loss got a
+    # zero grad_output; found by CI's torch 2.11 run).
+    return loss.to(call.loss_dtype, copy=torch.compiler.is_compiling())
 
 
 def _scaled(
@@ -375,7 +393,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, linear_weight, linear_bias, target, weight, call: _Call):
         need = tuple(ctx.needs_input_grad[:3])
         stores = call.reduction != "none" or not (need[1] or need[2])  # else: recompute in the backward
-        scale = _reduction_scale(target, weight, call)
         # Autocast off: the tensors have the dtypes chosen already, and addmm's autocast rule would cast
         # the float32 accumulators down.
         with torch.autocast(input.device.type, enabled=False):
@@ -389,16 +406,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 need=need if stores else (False, False, False),
                 row_grad=None,
             )
-        ctx.call, ctx.scale, ctx.stores = call, scale, stores
-        ctx.grads = (dx, dw, db) if stores else None
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+        scale = _reduction_scale(target, weight, call)
+        ctx.call, ctx.stores = call, stores
+        # Every tensor the backward reads goes through save_for_backward: torch 2.11's dynamo traced a
+        # backward that read tensors kept as ctx attributes inside the forward graph, with a zero
+        # grad_output (zero gradients; found by CI's torch 2.11 run). Plain floats stay attributes.
+        params = scale.params if isinstance(scale.params, torch.Tensor) else None
+        ctx.param_scale = None if params is not None else scale.params
+        # Eager keeps the stored gradients as an attribute, so that the backward hands them to autograd
+        # without a copy (a saved tensor stays referenced by the graph until it is freed).
+        compiling = torch.compiler.is_compiling()
+        ctx.grads = (dx, dw, db) if stores and not compiling else None
+        stored = (dx, dw, db) if stores and compiling else (None, None, None)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, scale.rows, params, *stored)
         return _finish_loss(loss, scale, call)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward raises rather than going wrong
     def backward(ctx, grad_loss):
-        call, scale = ctx.call, ctx.scale
-        input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+        call = ctx.call
+        input, linear_weight, linear_bias, target, weight, rows_scale, params_scale, *stored = ctx.saved_tensors
+        params_scale = ctx.param_scale if params_scale is None else params_scale
         need = ctx.needs_input_grad[:3]
         acc = _acc_dtype(input.dtype)
         g = grad_loss.to(acc)
@@ -406,11 +434,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if call.reduction == "none":
             row_factor, param_factor = g, None
         else:
-            param_factor = g if scale.params is None else g * scale.params
-            row_factor = param_factor if scale.rows is None else g * scale.rows
+            param_factor = g if params_scale is None else g * params_scale
+            row_factor = param_factor if rows_scale is None else g * rows_scale
         compiling = torch.compiler.is_compiling()
         if ctx.stores:
-            grads = ctx.grads
+            grads = tuple(stored) if compiling else ctx.grads  # compiled: saved, and never scaled in place
             if grads is None:  # handed to autograd by an earlier backward: the forward's work again
                 with torch.autocast(input.device.type, enabled=False):
                     grads = _rows(

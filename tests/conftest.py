@@ -3,6 +3,7 @@
 Without CUDA, Triton kernels run through the interpreter: TRITON_INTERPRET=1 must be set before
 triton is imported, so it is set here, at collection time. On a GPU machine the real kernels run.
 """
+import inspect
 import os
 import random
 
@@ -40,3 +41,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if item.get_closest_marker("interpreter") and not triton_available():
             item.add_marker(pytest.mark.skip(reason="triton is not installed"))
+
+
+@pytest.fixture
+def torch_batch_norm():
+    """Factory of torch's BatchNorm modules: make(nn.BatchNorm2d, num_features, bias=False, **kwargs).
+
+    torch < 2.12 has no bias= keyword; there bias=False is built as torch 2.12 builds it: the weight
+    kept, bias a None parameter (no state_dict key), so the floor's tests compare against the same thing.
+    """
+
+    def make(cls: type, num_features: int, bias: bool = True, **kwargs) -> torch.nn.Module:
+        if "bias" in inspect.signature(cls.__init__).parameters:
+            return cls(num_features, bias=bias, **kwargs)
+        module = cls(num_features, **kwargs)
+        if not bias and module.affine:
+            module.register_parameter("bias", None)
+        return module
+
+    return make

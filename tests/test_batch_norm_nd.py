@@ -240,10 +240,10 @@ MODULES = {  # fused class, torch class, input shape
     ids=["default", "cumulative", "no_affine", "no_tracking", "no_bias"],
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_module_steps_match_torch(kind, kwargs, channels_last):
+def test_module_steps_match_torch(kind, kwargs, channels_last, torch_batch_norm):
     """Training steps then eval: outputs, gradients, state_dict (same keys), and the memory format."""
     cls, torch_cls, shape = MODULES[kind]
-    ours, ref = cls(6, activation="relu", **kwargs), torch_cls(6, **kwargs)
+    ours, ref = cls(6, activation="relu", **kwargs), torch_batch_norm(torch_cls, 6, **kwargs)
     if ref.weight is not None:
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
@@ -272,7 +272,7 @@ def test_module_steps_match_torch(kind, kwargs, channels_last):
 
 
 @pytest.mark.parametrize("torch_takes_bias", [True, False], ids=["torch_bias_keyword", "emulated"])
-def test_bias_false_like_torch(monkeypatch, torch_takes_bias):
+def test_bias_false_like_torch(monkeypatch, torch_takes_bias, torch_batch_norm):
     """bias=False: weight, no bias, no state_dict key, repr says so; on torch < 2.12 (no such keyword)
     the modules build it themselves, checked here by forcing that path."""
     op_module = sys.modules["fused_ops.batch_norm"]  # the module; fused_ops.batch_norm is the function
@@ -286,7 +286,7 @@ def test_bias_false_like_torch(monkeypatch, torch_takes_bias):
         no_affine = cls(5, affine=False, bias=False)
         assert no_affine.weight is None and no_affine.bias is None
     m = fused_ops.BatchNorm2d(5, bias=False)
-    ref = nn.BatchNorm2d(5, bias=False)
+    ref = torch_batch_norm(nn.BatchNorm2d, 5, bias=False)
     ref.load_state_dict(m.state_dict())
     x = torch.randn(4, 5, 2, 3, requires_grad=True)
     y = m(x)

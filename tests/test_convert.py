@@ -189,13 +189,13 @@ def test_convert_cnn_fuses_and_reports(caplog):
     ],
     ids=["eps_momentum", "cumulative_no_affine", "no_tracking", "no_bias"],
 )
-def test_convert_copies_every_attribute(kind, options):
+def test_convert_copies_every_attribute(kind, options, torch_batch_norm):
     """eps, momentum, affine, track_running_stats and bias survive, in a plain and a fusing conversion."""
     torch_cls = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d}.get(kind, nn.SyncBatchNorm)
     group = object() if kind == "sync" else None
     extra = {"process_group": group} if kind == "sync" else {}
     for fuse in (False, True):
-        bn = torch_cls(5, **options, **extra)
+        bn = torch_batch_norm(torch_cls, 5, **options, **extra)
         model = nn.Sequential(bn, nn.ReLU()) if fuse else nn.Sequential(bn)
         fused_ops.convert(model)
         new = model[0]

@@ -293,10 +293,15 @@ def test_autocast_matches_eager_autocast():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph_matches_eager(reduction):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grads_by", ["backward", "autograd.grad"])
+def test_compile_fullgraph_matches_eager(reduction, grads_by):
     """aot_eager traces as Inductor does (dynamo, AOTAutograd, the compiled backward); fullgraph: a graph
-    break is an error. The range check becomes the fused_ops::check_targets op."""
+    break is an error. The range check becomes the fused_ops::check_targets op.
+
+    Regressions: torch 2.11's compile gave all-zero gradients (the loss returned as an alias of an
+    intermediate took a zero grad_output), and torch 2.13's dynamo rejected the in-place accumulators
+    under autograd.grad (an intermediate aliasing an output)."""
     torch._dynamo.reset()
     x, w, b = make_inputs()
     target = make_target((ROWS,), "int64")
@@ -307,9 +312,16 @@ def test_compile_fullgraph_matches_eager(reduction):
         )
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    upstream = torch.rand(ROWS, dtype=x.dtype) if reduction == "none" else None
-    ours = grads_of(lambda: compiled(x, w, b), (x, w, b), upstream)
-    ref = grads_of(lambda: fn(x, w, b), (x, w, b), upstream)
+    upstream = torch.rand(ROWS, dtype=x.dtype) + 0.5 if reduction == "none" else None
+    if grads_by == "backward":
+        ours = grads_of(lambda: compiled(x, w, b), (x, w, b), upstream)[1]
+        ref = grads_of(lambda: fn(x, w, b), (x, w, b), upstream)[1]
+    else:
+        ours, ref = (
+            torch.autograd.grad(f(x, w, b), (x, w, b), upstream if reduction == "none" else None)
+            for f in (compiled, fn)
+        )
+    assert all(g.abs().sum() > 0 for g in ref)
     torch.testing.assert_close(ours, ref)
     torch._dynamo.reset()
 
