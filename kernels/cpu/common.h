@@ -107,15 +107,15 @@ inline at::Tensor empty_reusing(ReusingAllocator& allocator, c10::IntArrayRef sh
 }
 
 // Autograd nodes. torch 2.13 holds them in c10::intrusive_ptr, torch 2.11 in std::shared_ptr: an op's
-// Node subclass is made with make_node<T>() and handed to set_next_edges / set_history as a NodePtr.
+// Node subclass is made with make_node<T>(constructor arguments) and handed to set_next_edges / set_history as a NodePtr.
 using NodePtr = decltype(torch::autograd::Edge::function);
 
-template <typename T>
-NodePtr make_node() {
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::shared_ptr<T>(new T());
+    return std::shared_ptr<T>(new T(std::forward<Args>(args)...));
   } else {
-    return c10::make_intrusive<T>();
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
   }
 }
 
