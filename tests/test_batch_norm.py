@@ -70,10 +70,11 @@ def assert_same(ours, ref, **tol):
             torch.testing.assert_close(ours[k], ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    with use_backend("torch"):
-        yield
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def backend(request):
+    """Every test on the PyTorch path and on the native CPU kernels (kernels/cpu/batch_norm.cpp)."""
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
