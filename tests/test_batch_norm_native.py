@@ -305,8 +305,8 @@ def test_non_finite_values_reach_their_channel_as_in_torch():
 
 
 def test_reused_buffers_are_rewritten_in_full():
-    """Outputs of 1 MiB and more come from a buffer that the previous step freed (common.h's
-    ReusingAllocator): every element must be written again, y and dx alike."""
+    """Outputs of 1 MiB and more come from buffers that the previous step freed (common.h's
+    ReusingAllocator, which keeps a few): every element must be written again, y and dx alike."""
     for channels_last in (False, True):
         for _ in range(2):  # the second step gets the first step's freed buffers
             case = make_case((16, 8, 48, 48), residual=True, channels_last=channels_last)

@@ -52,6 +52,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -76,6 +77,7 @@ constexpr int64_t kSilu = 3;
 constexpr int64_t kChunk = int64_t(1) << 14;
 constexpr int64_t kBlock = int64_t(1) << 18;
 constexpr int64_t kSumRows = 16;  // rows per float partial of the backward's sums (see grad_sums_pass)
+constexpr size_t kHeldBuffers = 8;  // freed N x C buffers kept for reuse (see empty_like_input)
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -129,19 +131,53 @@ C10_ALWAYS_INLINE void for_units(int64_t len, const F& f) {
   if (i < len) f(i, len - i);
 }
 
-// Per-channel constants as vectors. A row of the rows layout spans the channels, so its lanes take
-// theirs from (C,) arrays (padded with zeros to whole units); a row of the planes layout is one channel,
-// whose constant every lane takes.
+// The per-channel constants of a pass, (C,) arrays in acc_t padded with zeros to whole units:
+//   forward   y = act((x - mean) * scale + shift (+ r)),   scale = gamma * invstd, shift = beta
+//   backward  dx = g * scale + (x - mean) * b + k          (shift: for silu's u; b, k: see the header)
 template <typename acc_t>
-struct Lanes {
-  const acc_t* p;
-  vec::Vectorized<acc_t> operator()(int64_t offset) const { return vec::Vectorized<acc_t>::loadu(p + offset); }
+struct Channels {
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* b;  // backward only
+  const acc_t* k;
 };
 
-template <typename acc_t>
-struct Broadcast {
-  vec::Vectorized<acc_t> v;
-  const vec::Vectorized<acc_t>& operator()(int64_t) const { return v; }
+// Those constants as vectors, for one unit of values (per part). A row of the rows layout spans the
+// channels: its unit at channel offset c takes its lanes' constants from the arrays (`lanes`). A row of
+// the planes layout is one channel c, whose constants every lane takes (`broadcast`).
+template <typename io, bool BACKWARD>
+struct ChannelVecs {
+  typename io::Vec mean[io::kParts], scale[io::kParts], shift[io::kParts], b[io::kParts], k[io::kParts];
+
+  static ChannelVecs lanes(const Channels<typename io::acc_t>& a, int64_t c) {
+    ChannelVecs v;
+    for (int p = 0; p < io::kParts; ++p) {
+      const int64_t o = c + p * io::kLanes;
+      v.mean[p] = io::Vec::loadu(a.mean + o);
+      v.scale[p] = io::Vec::loadu(a.scale + o);
+      v.shift[p] = io::Vec::loadu(a.shift + o);
+      if constexpr (BACKWARD) {
+        v.b[p] = io::Vec::loadu(a.b + o);
+        v.k[p] = io::Vec::loadu(a.k + o);
+      }
+    }
+    return v;
+  }
+
+  static ChannelVecs broadcast(const Channels<typename io::acc_t>& a, int64_t c) {
+    ChannelVecs v;
+    for (int p = 0; p < io::kParts; ++p) {
+      v.mean[p] = typename io::Vec(a.mean[c]);
+      v.scale[p] = typename io::Vec(a.scale[c]);
+      v.shift[p] = typename io::Vec(a.shift[c]);
+      if constexpr (BACKWARD) {
+        v.b[p] = typename io::Vec(a.b[c]);
+        v.k[p] = typename io::Vec(a.k[c]);
+      }
+    }
+    return v;
+  }
 };
 
 // ----------------------------------------------------------------------------------------------------
@@ -201,96 +237,134 @@ C10_ALWAYS_INLINE Vec activation_grad(const Vec& dy, const Vec& y, const Vec& u)
 }
 
 // ----------------------------------------------------------------------------------------------------
-// Elementwise passes over one row (rows: C channels; planes: L values of one channel). M is the
-// channels' mean, S their scale = gamma * invstd, B their shift = beta; Lanes or Broadcast.
+// One unit of values: the data at index i (n values), with its channels' constants `ch`.
 // ----------------------------------------------------------------------------------------------------
 
-// y = act((x - mean) * scale + beta + residual)   read x (and r), write y
-template <int64_t ACT, typename scalar_t, typename P>
-void forward_row(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t len, const P& mean, const P& scale,
-                 const P& shift) {
-  using io = IO<scalar_t>;
-  for_units<io::kUnit>(len, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const auto xu = io::load(x + i, n);
-    typename io::Unit ru{}, yu;
-    if (r != nullptr) ru = io::load(r + i, n);
-    for (int k = 0; k < io::kParts; ++k) {
-      const int64_t o = i + k * io::kLanes;
-      auto u = vec::fmadd(xu.v[k] - mean(o), scale(o), shift(o));
-      if (r != nullptr) u = u + ru.v[k];
-      yu.v[k] = activate<ACT>(u);
-    }
-    io::store(y + i, yu, n);
-  });
-}
-
-// The gradient at u of one unit: g = dy * act'(u), u recomputed for silu.
-template <int64_t ACT, typename io, typename P>
-C10_ALWAYS_INLINE typename io::Vec unit_grad(const typename io::Unit& dy, const typename io::Unit& x,
-                                             const typename io::Unit& y, const typename io::Unit& r, bool has_r,
-                                             int k, int64_t o, const P& mean, const P& scale, const P& shift) {
-  typename io::Vec u(0);
-  if constexpr (ACT == kSilu) {
-    u = vec::fmadd(x.v[k] - mean(o), scale(o), shift(o));
-    if (has_r) u = u + r.v[k];
+// y = act((x - mean) * scale + shift + r)   read x (and r), write y
+template <int64_t ACT, typename io>
+C10_ALWAYS_INLINE void forward_unit(const typename io::scalar_type* x, const typename io::scalar_type* r,
+                                    typename io::scalar_type* y, int64_t i, int64_t n,
+                                    const ChannelVecs<io, false>& ch) {
+  const auto xu = io::load(x + i, n);
+  typename io::Unit ru{}, yu;
+  if (r != nullptr) ru = io::load(r + i, n);
+  for (int p = 0; p < io::kParts; ++p) {
+    auto u = vec::fmadd(xu.v[p] - ch.mean[p], ch.scale[p], ch.shift[p]);
+    if (r != nullptr) u = u + ru.v[p];
+    yu.v[p] = activate<ACT>(u);
   }
-  return activation_grad<ACT>(dy.v[k], y.v[k], u);
+  io::store(y + i, yu, n);
 }
 
-// The inputs of a backward pass over one row (pointers at the row's start; y and r may be null).
+// The inputs of the backward (y and r may be null).
 template <typename scalar_t>
-struct GradRow {
+struct GradInputs {
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* y;  // relu, tanh
   const scalar_t* r;  // silu with a residual
 };
 
+// {g, x - mean} of a unit, g = dy * act'(u) (u recomputed for silu).
 template <int64_t ACT, typename io>
-C10_ALWAYS_INLINE void load_grad_inputs(const GradRow<typename io::scalar_type>& in, int64_t i, int64_t n,
-                                        typename io::Unit& dy, typename io::Unit& x, typename io::Unit& y,
-                                        typename io::Unit& r) {
-  dy = io::load(in.dy + i, n);
-  x = io::load(in.x + i, n);
+C10_ALWAYS_INLINE std::array<typename io::Unit, 2> unit_grad(const GradInputs<typename io::scalar_type>& in,
+                                                             int64_t i, int64_t n, const ChannelVecs<io, true>& ch) {
+  const auto dy = io::load(in.dy + i, n);
+  auto x = io::load(in.x + i, n);
+  typename io::Unit y{}, r{};
   if constexpr (ACT == kRelu || ACT == kTanh) y = io::load(in.y + i, n);
   if constexpr (ACT == kSilu) {
     if (in.r != nullptr) r = io::load(in.r + i, n);
   }
+  std::array<typename io::Unit, 2> gx;
+  for (int p = 0; p < io::kParts; ++p) {
+    gx[1].v[p] = x.v[p] - ch.mean[p];
+    typename io::Vec u(0);
+    if constexpr (ACT == kSilu) {
+      u = vec::fmadd(gx[1].v[p], ch.scale[p], ch.shift[p]);
+      if (in.r != nullptr) u = u + r.v[p];
+    }
+    gx[0].v[p] = activation_grad<ACT>(dy.v[p], y.v[p], u);
+  }
+  return gx;
 }
 
-// sum_g += g, sum_gx += g * (x - mean), per lane, into the vectors at o (Lanes: the channels' (C,)
-// accumulators; planes: one channel's vector accumulators)   read dy, x, y or r
-template <int64_t ACT, typename scalar_t, typename P, typename Acc>
-void grad_sums_row(const GradRow<scalar_t>& in, int64_t len, const P& mean, const P& scale, const P& shift,
-                   const Acc& accumulate) {
-  using io = IO<scalar_t>;
-  for_units<io::kUnit>(len, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-    typename io::Unit dy, x, y{}, r{};
-    load_grad_inputs<ACT, io>(in, i, n, dy, x, y, r);
-    for (int k = 0; k < io::kParts; ++k) {
-      const int64_t o = i + k * io::kLanes;
-      const auto g = unit_grad<ACT, io>(dy, x, y, r, in.r != nullptr, k, o, mean, scale, shift);
-      accumulate(o, g, g * (x.v[k] - mean(o)));  // padding lanes: dy = 0 gives g = 0
-    }
-  });
+// The terms of the backward's sums: {g, g * (x - mean)}. Padding lanes: dy = 0 gives g = 0.
+template <int64_t ACT, typename io>
+C10_ALWAYS_INLINE std::array<typename io::Unit, 2> grad_terms(const GradInputs<typename io::scalar_type>& in,
+                                                              int64_t i, int64_t n, const ChannelVecs<io, true>& ch) {
+  auto t = unit_grad<ACT, io>(in, i, n, ch);
+  for (int p = 0; p < io::kParts; ++p) t[1].v[p] = t[0].v[p] * t[1].v[p];
+  return t;
 }
 
 // dx = g * scale + (x - mean) * b + k, dresidual = g   read dy, x, y or r; write dx (and dr)
-template <int64_t ACT, typename scalar_t, typename P>
-void grad_input_row(const GradRow<scalar_t>& in, scalar_t* dx, scalar_t* dr, int64_t len, const P& mean,
-                    const P& scale, const P& shift, const P& b, const P& k_) {
-  using io = IO<scalar_t>;
-  for_units<io::kUnit>(len, [&](int64_t i, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-    typename io::Unit dy, x, y{}, r{}, gu, dxu;
-    load_grad_inputs<ACT, io>(in, i, n, dy, x, y, r);
-    for (int k = 0; k < io::kParts; ++k) {
-      const int64_t o = i + k * io::kLanes;
-      gu.v[k] = unit_grad<ACT, io>(dy, x, y, r, in.r != nullptr, k, o, mean, scale, shift);
-      dxu.v[k] = vec::fmadd(gu.v[k], scale(o), vec::fmadd(x.v[k] - mean(o), b(o), k_(o)));
+template <int64_t ACT, typename io>
+C10_ALWAYS_INLINE void grad_input_unit(const GradInputs<typename io::scalar_type>& in, typename io::scalar_type* dx,
+                                       typename io::scalar_type* dr, int64_t i, int64_t n,
+                                       const ChannelVecs<io, true>& ch) {
+  const auto gx = unit_grad<ACT, io>(in, i, n, ch);
+  typename io::Unit dxu;
+  for (int p = 0; p < io::kParts; ++p) {
+    dxu.v[p] = vec::fmadd(gx[0].v[p], ch.scale[p], vec::fmadd(gx[1].v[p], ch.b[p], ch.k[p]));
+  }
+  if (dx != nullptr) io::store(dx + i, dxu, n);
+  if (dr != nullptr) io::store(dr + i, gx[0], n);
+}
+
+// f(i, n, ch) over the units of rows [r0, r1) of C channels: the unit of n values at index i, and its
+// channels' constants (loaded from `a` at the unit's channel offset). Rows go four at a time, which
+// share each unit's constants: loading them for every row made the passes over rows with few channels
+// (a channels_last CNN layer) bound by loads, not by memory.
+template <typename io, bool BACKWARD, typename F>
+C10_ALWAYS_INLINE void for_row_units(int64_t r0, int64_t r1, int64_t C, const Channels<typename io::acc_t>& a,
+                                     const F& f) {
+  int64_t row = r0;
+  for (; row + 4 <= r1; row += 4) {
+    for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const auto ch = ChannelVecs<io, BACKWARD>::lanes(a, c);
+      for (int64_t q = 0; q < 4; ++q) f((row + q) * C + c, n, ch);
+    });
+  }
+  for (; row < r1; ++row) {
+    for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      f(row * C + c, n, ChannelVecs<io, BACKWARD>::lanes(a, c));
+    });
+  }
+}
+
+// Reductions over rows of C channels: sums[s][c] += sum over rows [r0, r1) of term(i, n, c)[s], the
+// terms of the unit of n values at index i, channel offset c. Rows go four at a time, their terms added
+// in registers before the one load-add-store of each (C,) accumulator: one per row would chain every
+// row through memory (store-to-load forwarding), which made the reductions of rows with few channels
+// twice slower than their memory traffic.
+template <int NSUMS, typename io, typename Term>
+void sum_rows(int64_t r0, int64_t r1, int64_t C, typename io::acc_t* const* sums, const Term& term) {
+  using Vec = typename io::Vec;
+  auto add = [&](int64_t c, const std::array<typename io::Unit, NSUMS>& t) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for (int s = 0; s < NSUMS; ++s) {
+      for (int p = 0; p < io::kParts; ++p) {
+        typename io::acc_t* q = sums[s] + c + p * io::kLanes;  // (C,) arrays padded to whole units
+        (Vec::loadu(q) + t[s].v[p]).store(q);
+      }
     }
-    if (dx != nullptr) io::store(dx + i, dxu, n);
-    if (dr != nullptr) io::store(dr + i, gu, n);
-  });
+  };
+  int64_t i = r0;
+  for (; i + 4 <= r1; i += 4) {
+    for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const int64_t at = i * C + c;
+      const auto t0 = term(at, n, c), t1 = term(at + C, n, c), t2 = term(at + 2 * C, n, c);
+      const auto t3 = term(at + 3 * C, n, c);
+      std::array<typename io::Unit, NSUMS> t;
+      for (int s = 0; s < NSUMS; ++s) {
+        for (int p = 0; p < io::kParts; ++p) t[s].v[p] = (t0[s].v[p] + t1[s].v[p]) + (t2[s].v[p] + t3[s].v[p]);
+      }
+      add(c, t);
+    });
+  }
+  for (; i < r1; ++i) {
+    for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { add(c, term(i * C + c, n, c)); });
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -383,28 +457,22 @@ void rows_moments(const scalar_t* x, const Shape& s, at::opmath_type<scalar_t>* 
         const int64_t r1 = std::min(end, r0 + chunk_rows);
         const double rows = static_cast<double>(r1 - r0);
         std::fill(chunk.begin(), chunk.end(), acc_t(0));
-        for (int64_t i = r0; i < r1; ++i) {  // pass 1: the chunk's sums, then its mean
-          for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-            const auto xu = io::load(x + i * C + c, n);
-            for (int k = 0; k < io::kParts; ++k) {
-              const int64_t o = c + k * io::kLanes;
-              (Vec::loadu(cm + o) + xu.v[k]).store(cm + o);
-            }
-          });
-        }
+        acc_t* const pass1[] = {cm};  // pass 1: the chunk's sums, then its mean
+        sum_rows<1, io>(r0, r1, C, pass1, [&](int64_t i, int64_t n, int64_t) C10_ALWAYS_INLINE_ATTRIBUTE {
+          return std::array<typename io::Unit, 1>{io::load(x + i, n)};
+        });
         const Vec inv(static_cast<acc_t>(1.0 / rows));
         for (int64_t c = 0; c < padded; c += io::kLanes) (Vec::loadu(cm + c) * inv).store(cm + c);
-        for (int64_t i = r0; i < r1; ++i) {  // pass 2, the chunk now in cache: d = x - mean
-          for_units<io::kUnit>(C, [&](int64_t c, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-            const auto xu = io::load(x + i * C + c, n);
-            for (int k = 0; k < io::kParts; ++k) {
-              const int64_t o = c + k * io::kLanes;
-              const Vec d = xu.v[k] - Vec::loadu(cm + o);  // padding lanes: 0 - 0
-              (Vec::loadu(cd + o) + d).store(cd + o);
-              vec::fmadd(d, d, Vec::loadu(cdd + o)).store(cdd + o);
-            }
-          });
-        }
+        acc_t* const pass2[] = {cd, cdd};  // pass 2, the chunk now in cache: d = x - mean, d^2
+        sum_rows<2, io>(r0, r1, C, pass2, [&](int64_t i, int64_t n, int64_t c) C10_ALWAYS_INLINE_ATTRIBUTE {
+          const auto xu = io::load(x + i, n);
+          std::array<typename io::Unit, 2> t;
+          for (int k = 0; k < io::kParts; ++k) {
+            t[0].v[k] = xu.v[k] - Vec::loadu(cm + c + k * io::kLanes);  // padding lanes: 0 - 0
+            t[1].v[k] = t[0].v[k] * t[0].v[k];
+          }
+          return t;
+        });
         double* chunk_mean = merged == 0 ? bm : moments.data();
         double* chunk_m2 = merged == 0 ? bm2 : moments.data() + padded;
         for (int64_t c = 0; c < padded; ++c) {
@@ -503,47 +571,37 @@ void planes_moments(const scalar_t* x, const Shape& s, at::opmath_type<scalar_t>
 // The passes over the whole tensor.
 // ----------------------------------------------------------------------------------------------------
 
-// y = act((x - mean) * scale + shift + r) (mean, scale, shift: padded (C,) arrays)
+// y = act((x - mean) * scale + shift + r)
 template <int64_t ACT, typename scalar_t>
-void forward_pass(const scalar_t* x, const scalar_t* r, scalar_t* y, const Shape& s, const at::opmath_type<scalar_t>* mean,
-                  const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* shift) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = vec::Vectorized<acc_t>;
+void forward_pass(const scalar_t* x, const scalar_t* r, scalar_t* y, const Shape& s,
+                  const Channels<at::opmath_type<scalar_t>>& a) {
+  using io = IO<scalar_t>;
   const int64_t C = s.C, L = s.L;
   if (s.rows) {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-    at::parallel_for(0, s.N, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        forward_row<ACT>(x + i * C, r == nullptr ? nullptr : r + i * C, y + i * C, C, Lanes<acc_t>{mean},
-                         Lanes<acc_t>{scale}, Lanes<acc_t>{shift});
-      }
+    at::parallel_for(0, s.N, std::max<int64_t>(1, at::internal::GRAIN_SIZE / C), [&](int64_t r0, int64_t r1) {
+      for_row_units<io, false>(r0, r1, C, a, [&](int64_t i, int64_t n, const auto& ch) C10_ALWAYS_INLINE_ATTRIBUTE {
+        forward_unit<ACT, io>(x, r, y, i, n, ch);
+      });
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / L);
-  at::parallel_for(0, s.N * C, grain, [&](int64_t j0, int64_t j1) {  // j = n * C + c: one row of L
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t c = j % C;
-      forward_row<ACT>(x + j * L, r == nullptr ? nullptr : r + j * L, y + j * L, L, Broadcast<acc_t>{Vec(mean[c])},
-                       Broadcast<acc_t>{Vec(scale[c])}, Broadcast<acc_t>{Vec(shift[c])});
+  at::parallel_for(0, s.N * C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / L), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {  // j = n * C + c: one row of L
+      const auto ch = ChannelVecs<io, false>::broadcast(a, j % C);
+      for_units<io::kUnit>(L, [&](int64_t l, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+        forward_unit<ACT, io>(x, r, y, j * L + l, n, ch);
+      });
     }
   });
-}
-
-template <typename scalar_t>
-GradRow<scalar_t> grad_row(const GradRow<scalar_t>& base, int64_t offset) {
-  return {base.dy + offset, base.x + offset, base.y == nullptr ? nullptr : base.y + offset,
-          base.r == nullptr ? nullptr : base.r + offset};
 }
 
 // sum_g = sum(g), sum_gx = sum(g * (x - mean)) per channel, into padded (C,) arrays: short sums in acc_t
 // (terms of either sign: the error of a running float sum grows with its length), added up in double.
 // Rows: blocks of rows (one task each), each a sum of chunks of kSumRows rows in row order, then the
-// blocks in block order. Planes: one channel per task, each row's sum (pieces of kChunk for longer rows) added in
-// row order.
+// blocks in block order. Planes: one channel per task, each row's sum (pieces of kChunk for longer rows)
+// added in row order.
 template <int64_t ACT, typename scalar_t>
-void grad_sums_pass(const GradRow<scalar_t>& in, const Shape& s, const at::opmath_type<scalar_t>* mean,
-                    const at::opmath_type<scalar_t>* scale, const at::opmath_type<scalar_t>* shift,
+void grad_sums_pass(const GradInputs<scalar_t>& in, const Shape& s, const Channels<at::opmath_type<scalar_t>>& a,
                     at::opmath_type<scalar_t>* sum_g, at::opmath_type<scalar_t>* sum_gx) {
   using io = IO<scalar_t>;
   using acc_t = typename io::acc_t;
@@ -557,24 +615,19 @@ void grad_sums_pass(const GradRow<scalar_t>& in, const Shape& s, const at::opmat
     c10::SmallVector<double, 512> partial(2 * blocks * padded, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       c10::SmallVector<acc_t, 512> chunk(2 * padded);
-      acc_t* cg = chunk.data();
-      acc_t* cgx = chunk.data() + padded;
-      const auto accumulate = [cg, cgx](int64_t o, const Vec& g, const Vec& gx) C10_ALWAYS_INLINE_ATTRIBUTE {
-        (Vec::loadu(cg + o) + g).store(cg + o);
-        (Vec::loadu(cgx + o) + gx).store(cgx + o);
-      };
+      acc_t* const sums[] = {chunk.data(), chunk.data() + padded};
       for (int64_t b = b0; b < b1; ++b) {
         double* pg = partial.data() + 2 * b * padded;
         const int64_t end = std::min(s.N, (b + 1) * block_rows);
         for (int64_t r0 = b * block_rows; r0 < end; r0 += chunk_rows) {
           std::fill(chunk.begin(), chunk.end(), acc_t(0));
-          for (int64_t i = r0; i < std::min(end, r0 + chunk_rows); ++i) {
-            grad_sums_row<ACT>(grad_row(in, i * C), C, Lanes<acc_t>{mean}, Lanes<acc_t>{scale},
-                               Lanes<acc_t>{shift}, accumulate);
-          }
+          sum_rows<2, io>(r0, std::min(end, r0 + chunk_rows), C, sums,
+                          [&](int64_t i, int64_t n, int64_t c) C10_ALWAYS_INLINE_ATTRIBUTE {
+                            return grad_terms<ACT, io>(in, i, n, ChannelVecs<io, true>::lanes(a, c));
+                          });
           for (int64_t c = 0; c < C; ++c) {
-            pg[c] += static_cast<double>(cg[c]);
-            pg[padded + c] += static_cast<double>(cgx[c]);
+            pg[c] += static_cast<double>(sums[0][c]);
+            pg[padded + c] += static_cast<double>(sums[1][c]);
           }
         }
       }
@@ -590,20 +643,22 @@ void grad_sums_pass(const GradRow<scalar_t>& in, const Shape& s, const at::opmat
     }
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kBlock / std::max<int64_t>(1, s.N * L));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, std::max<int64_t>(1, kBlock / std::max<int64_t>(1, s.N * L)), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const Broadcast<acc_t> m{Vec(mean[c])}, sc{Vec(scale[c])}, sh{Vec(shift[c])};
-      const auto add = [](Vec& a, Vec& b) { return a + b; };
+      const auto ch = ChannelVecs<io, true>::broadcast(a, c);
+      const auto add = [](Vec& u, Vec& v) { return u + v; };
       double g = 0, gx = 0;
       for (int64_t i = 0; i < s.N; ++i) {
         for (int64_t l0 = 0; l0 < L; l0 += kChunk) {  // a row, or a piece of a long one
+          const int64_t at = (i * C + c) * L + l0;
           Vec g0(0), gx0(0);
-          const auto accumulate = [&](int64_t, const Vec& gv, const Vec& gxv) C10_ALWAYS_INLINE_ATTRIBUTE {
-            g0 = g0 + gv;
-            gx0 = gx0 + gxv;
-          };
-          grad_sums_row<ACT>(grad_row(in, (i * C + c) * L + l0), std::min(kChunk, L - l0), m, sc, sh, accumulate);
+          for_units<io::kUnit>(std::min(kChunk, L - l0), [&](int64_t l, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+            const auto t = grad_terms<ACT, io>(in, at + l, n, ch);
+            for (int p = 0; p < io::kParts; ++p) {
+              g0 = g0 + t[0].v[p];
+              gx0 = gx0 + t[1].v[p];
+            }
+          });
           g += static_cast<double>(vec::vec_reduce_all<acc_t>(add, g0));
           gx += static_cast<double>(vec::vec_reduce_all<acc_t>(add, gx0));
         }
@@ -616,31 +671,24 @@ void grad_sums_pass(const GradRow<scalar_t>& in, const Shape& s, const at::opmat
 
 // dx = g * scale + (x - mean) * b + k, dr = g (dx, dr: null when not wanted).
 template <int64_t ACT, typename scalar_t>
-void grad_input_pass(const GradRow<scalar_t>& in, scalar_t* dx, scalar_t* dr, const Shape& s,
-                     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* scale,
-                     const at::opmath_type<scalar_t>* shift, const at::opmath_type<scalar_t>* b,
-                     const at::opmath_type<scalar_t>* k) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = vec::Vectorized<acc_t>;
+void grad_input_pass(const GradInputs<scalar_t>& in, scalar_t* dx, scalar_t* dr, const Shape& s,
+                     const Channels<at::opmath_type<scalar_t>>& a) {
+  using io = IO<scalar_t>;
   const int64_t C = s.C, L = s.L;
-  auto or_null = [](scalar_t* p, int64_t offset) { return p == nullptr ? nullptr : p + offset; };
   if (s.rows) {
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-    at::parallel_for(0, s.N, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        grad_input_row<ACT>(grad_row(in, i * C), or_null(dx, i * C), or_null(dr, i * C), C, Lanes<acc_t>{mean},
-                            Lanes<acc_t>{scale}, Lanes<acc_t>{shift}, Lanes<acc_t>{b}, Lanes<acc_t>{k});
-      }
+    at::parallel_for(0, s.N, std::max<int64_t>(1, at::internal::GRAIN_SIZE / C), [&](int64_t r0, int64_t r1) {
+      for_row_units<io, true>(r0, r1, C, a, [&](int64_t i, int64_t n, const auto& ch) C10_ALWAYS_INLINE_ATTRIBUTE {
+        grad_input_unit<ACT, io>(in, dx, dr, i, n, ch);
+      });
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / L);
-  at::parallel_for(0, s.N * C, grain, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, s.N * C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / L), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t c = j % C;
-      grad_input_row<ACT>(grad_row(in, j * L), or_null(dx, j * L), or_null(dr, j * L), L, Broadcast<acc_t>{Vec(mean[c])},
-                          Broadcast<acc_t>{Vec(scale[c])}, Broadcast<acc_t>{Vec(shift[c])},
-                          Broadcast<acc_t>{Vec(b[c])}, Broadcast<acc_t>{Vec(k[c])});
+      const auto ch = ChannelVecs<io, true>::broadcast(a, j % C);
+      for_units<io::kUnit>(L, [&](int64_t l, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+        grad_input_unit<ACT, io>(in, dx, dr, j * L + l, n, ch);
+      });
     }
   });
 }
@@ -733,10 +781,12 @@ Shape shape_of(const Tensor& x) {
 // t's values as the kernels read them: contiguous in x's (flat) shape; a copy only for other strides.
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-// An uninitialised contiguous tensor like x. N x C buffers of 1 MiB and more come from this op's
-// ReusingAllocator (common.h): last step's buffer, its pages mapped.
+// An uninitialised contiguous tensor like x. Buffers of 1 MiB and more (y, dx, dresidual) come from this
+// op's ReusingAllocator (common.h), which holds the last few freed: a training step's are the last
+// step's, their pages mapped (with torch's allocator, each step faulted them in again: a third of the
+// time of a channels_last BatchNorm2d step).
 Tensor empty_like_input(const Tensor& x) {
-  static ReusingAllocator* buffers = new ReusingAllocator();  // never destroyed: the process owns it
+  static ReusingAllocator* buffers = new ReusingAllocator(kHeldBuffers);  // never destroyed: the process owns it
   const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
   return bytes >= ReusingAllocator::kMinBytes ? empty_reusing(*buffers, x.sizes(), x.scalar_type())
                                               : Tensor(at::detail::empty_cpu(x.sizes(), x.scalar_type()));
@@ -823,7 +873,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const std::optio
     dispatch_activation(activation, [&](auto act) {
       forward_pass<decltype(act)::value, scalar_t>(x.const_data_ptr<scalar_t>(),
                                                    r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
-                                                   y.mutable_data_ptr<scalar_t>(), s, m, scale, shift);
+                                                   y.mutable_data_ptr<scalar_t>(), s,
+                                                   Channels<acc_t>{m, scale, shift, nullptr, nullptr});
     });
   });
   return {y, mean, invstd};
@@ -880,12 +931,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       m[c] = mean_in[c];
       scale[c] *= invstd_in[c];
     }
-    const GradRow<scalar_t> in{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               y.defined() ? y.const_data_ptr<scalar_t>() : nullptr,
-                               r.defined() ? r.const_data_ptr<scalar_t>() : nullptr};
+    const GradInputs<scalar_t> in{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                  y.defined() ? y.const_data_ptr<scalar_t>() : nullptr,
+                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr};
+    const Channels<acc_t> channels{m, scale, shift, b, k};  // b and k: set below, before the dx pass
     dispatch_activation(activation, [&](auto act) {
       constexpr int64_t ACT = decltype(act)::value;
-      grad_sums_pass<ACT, scalar_t>(in, s, m, scale, shift, sum_g, sum_gx);
+      grad_sums_pass<ACT, scalar_t>(in, s, channels, sum_g, sum_gx);
       acc_t* dw = dweight.mutable_data_ptr<acc_t>();
       acc_t* db = dbias.mutable_data_ptr<acc_t>();
       const double n = static_cast<double>(count), n_var = unbiased ? n - 1 : n;
@@ -900,8 +952,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       }
       if (input_grad || residual_grad) {
         grad_input_pass<ACT, scalar_t>(in, input_grad ? dx.mutable_data_ptr<scalar_t>() : nullptr,
-                                       residual_grad ? dr.mutable_data_ptr<scalar_t>() : nullptr, s, m, scale,
-                                       shift, b, k);
+                                       residual_grad ? dr.mutable_data_ptr<scalar_t>() : nullptr, s, channels);
       }
     });
   });
