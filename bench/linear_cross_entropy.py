@@ -151,7 +151,7 @@ def _call(
 
         return call, []
     loss_fn = _loss_fn(provider, device, reduction)
-    backend = fused_backend(device, "lce") if provider == "fused" else "auto"
+    backend = fused_backend(device) if provider == "fused" else "auto"
     grad_output = torch.ones(x.shape[0] if reduction == "none" else (), device=device, dtype=x.dtype)
 
     def call() -> None:

@@ -217,13 +217,10 @@ def mode_fn(runner: Runner, mode: str) -> Timed:
     return Timed(backward, setup)
 
 
-def fused_backend(device: torch.device, op: str) -> str:
-    """The fused provider's backend, forced, never a fallback: the Triton kernels on CUDA; on CPU the
-    native kernels for cross-entropy, the PyTorch path for BatchNorm (no native BatchNorm kernels yet),
-    and "auto" for the makemore step and linear + cross-entropy (which then run each op as above)."""
-    if device.type == "cuda":
-        return "triton"
-    return {"ce": "native", "makemore": "auto", "lce": "auto"}.get(op, "torch")
+def fused_backend(device: torch.device) -> str:
+    """The fused provider's backend, forced, never a fallback: the Triton kernels on CUDA, the native
+    kernels on CPU (cross-entropy and BatchNorm; linear cross-entropy's chunk step runs cross-entropy's)."""
+    return "triton" if device.type == "cuda" else "native"
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -259,7 +256,7 @@ def build(case: Case, provider: str, device: torch.device, seed: int = 0) -> Run
     if case.op in cnn.OPS:
         return cnn.build(
             case.op, case.shape, DTYPES[case.dtype], provider, device, generator, Runner, _compiled,
-            fused_backend(device, case.op),
+            fused_backend(device),
         )
     return _build_batch_norm(case, provider, device, generator)
 
@@ -288,7 +285,7 @@ def _build_cross_entropy(case: Case, provider: str, device: torch.device, genera
         forward=lambda: loss_fn(logits, target),
         grad_output=torch.ones((), device=device, dtype=torch.float32),  # loss.backward(): reduction="mean"
         grad_to_none=[logits],
-        backend=fused_backend(device, case.op) if provider == "fused" else None,
+        backend=fused_backend(device) if provider == "fused" else None,
     )
 
 
@@ -324,7 +321,7 @@ def _build_batch_norm(case: Case, provider: str, device: torch.device, generator
         forward=lambda: fn(x, running_mean, running_var, weight, bias),
         grad_output=_randn((n, c), generator, device, dtype),
         grad_to_none=[x, weight, bias],
-        backend=fused_backend(device, case.op) if provider in ("fused", "unfused") else None,
+        backend=fused_backend(device) if provider in ("fused", "unfused") else None,
     )
 
 
@@ -357,5 +354,5 @@ def _build_makemore(case: Case, provider: str, device: torch.device, generator) 
     return Runner(
         step=step,
         grad_to_none=list(model.parameters()),
-        backend=fused_backend(device, case.op) if provider == "fused" else None,
+        backend=fused_backend(device) if provider == "fused" else None,
     )

@@ -4,12 +4,13 @@
     python -m bench.overhead --min-run-time 3   # steadier medians on a busy machine
     python -m bench.overhead --backend torch    # the fused ops on their PyTorch path
 
-The fused ops run on the backend that "auto" picks (on CPU: the native kernels for cross_entropy, the
-PyTorch path for BatchNorm), or on the one --backend forces.
+The fused ops run on the backend that "auto" picks (on CPU: the native kernels), or on the one
+--backend forces.
 
 At these sizes ((32, 27) logits, (32, 200) hidden units) the arithmetic takes a few microseconds, so
-the time per call is almost all Python and dispatch: argument checks, the backend choice, the
-autograd.Function, and each small tensor op. Rows:
+the time per call is almost all Python and dispatch: argument checks, the backend choice, the call
+into the op and its autograd node (on the PyTorch path: the autograd.Function and each small tensor
+op). Rows:
     cross_entropy    fused_ops.cross_entropy vs F.cross_entropy, logits (32, 27) fp32, targets (32,)
     batch_norm       fused_ops.batch_norm vs F.batch_norm, training, x (32, 200) fp32, running stats
     BatchNorm1d      fused_ops.BatchNorm1d(200) vs nn.BatchNorm1d(200), training

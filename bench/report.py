@@ -458,7 +458,7 @@ back here.
 
 What the columns mean:
 - **fused**: `fused_ops` (Triton kernels on CUDA, forced with `use_backend("triton")`; on CPU the native C++
-  kernels for cross-entropy, `use_backend("native")`, and the analytic PyTorch path for BatchNorm). **eager**: `F.cross_entropy`, `F.batch_norm` (+ `torch.tanh`), the makemore MLP with torch's
+  kernels, `use_backend("native")`). **eager**: `F.cross_entropy`, `F.batch_norm` (+ `torch.tanh`), the makemore MLP with torch's
   modules. **compile**: `torch.compile` of that eager code. **unfused**: `fused_ops.batch_norm` followed by a
   separate `torch.tanh`. **liger**: Liger-Kernel's `liger_cross_entropy`, when installed (CUDA only).
 - Modes: fwd (inputs require grad, as in training; the fused and Liger cross-entropy forwards then also write

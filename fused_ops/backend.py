@@ -5,7 +5,7 @@ Backends:
     "triton" - the Triton kernels in `fused_ops.kernels.triton`: CUDA tensors, or CPU tensors when
                Triton's interpreter is on (`TRITON_INTERPRET=1` set before triton is imported).
     "native" - the C++ CPU kernels in `fused_ops.kernels.cpu`, for the ops in NATIVE_OPS: CPU tensors.
-               Built on the first call that needs them (about 20 s; cached after).
+               Built on the first call that needs them (about 40 s; cached after).
     "auto"   - Triton for CUDA tensors when Triton is importable; native for CPU tensors when the op has
                native kernels and they build here; the PyTorch path otherwise.
 
@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "native")
-# The ops with native CPU kernels (kernels/cpu/<op>.cpp). batch_norm joins when its kernels land.
-NATIVE_OPS = ("cross_entropy",)
+# The ops with native CPU kernels (kernels/cpu/<op>.cpp).
+NATIVE_OPS = ("cross_entropy", "batch_norm")
 ENV_VAR = "FUSED_OPS_BACKEND"
 
 
@@ -200,15 +200,6 @@ def select(op: str, *tensors: torch.Tensor | None) -> str:
     if name == "native":
         return _forced_native(op, tensors, only_cpu)
     return _forced_triton(op, tensors, only_cuda, only_cpu)
-
-
-def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
-    """Decide whether `op` runs its Triton kernels for these tensors (see `select`).
-
-    Raises BackendUnavailableError when "triton" is forced and cannot run here, or when "native" is
-    forced for an op without native kernels.
-    """
-    return select(op, *tensors) == "triton"
 
 
 def _forced_native(op: str, tensors: tuple[torch.Tensor | None, ...], only_cpu: bool) -> str:

@@ -5,9 +5,9 @@ Shapes: input (N, C, *) with any number of trailing dims; weight, bias, running_
 residual like input. Statistics are per channel c over N and the trailing dims: n = N * prod(*) values.
 
 Reads top to bottom: argument checks, the layout (how an (N, C, *) input reaches the backends), the
-PyTorch path (the reference every backend is checked against), the autograd Function (dispatch to the
-Triton kernels or the PyTorch path, in one place), the functional `batch_norm`, the modules
-`BatchNorm1d/2d/3d`.
+PyTorch path (the reference every backend is checked against), the autograd Function and the dispatch
+(the Triton kernels, the native CPU kernels or the PyTorch path, chosen in one place), the functional
+`batch_norm`, the modules `BatchNorm1d/2d/3d`.
 
 The op computes y = act(u), u = gamma * xhat + beta (+ residual), xhat = (x - mean) * invstd. With
 g = dy * act'(u), the gradient at u (and the residual's gradient):
@@ -17,7 +17,7 @@ g = dy * act'(u), the gradient at u (and the residual's gradient):
     dgamma = sum(g * xhat),  dbeta = sum(g),  dresidual = g
     act'   = 1 (None), y > 0 (relu), 1 - y^2 (tanh), s * (1 + u * (1 - s)) with s = sigmoid(u) (silu)
 
-Backend interface (the Triton kernels mirror it; so must any other backend). Every backend gets the
+Backend interface (the Triton and the native kernels mirror it; so must any other backend). Every backend gets the
 input as `_flatten` leaves it, x: (M, C) or (N, C, L) (see "Layout"), and is called with keywords:
     forward(x, weight, bias, running_mean, running_var, residual, *, momentum, eps, training, unbiased,
             activation) -> (y: contiguous, x's shape and dtype; mean, invstd: (C,) in `stat_dtype`)
@@ -37,9 +37,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.autograd.function import once_differentiable
 
-from fused_ops.backend import BackendUnavailableError, requested_backend, use_triton
+from fused_ops.backend import BackendUnavailableError, requested_backend, select
 
 ACTIVATIONS = (None, "relu", "tanh", "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,7 +69,7 @@ def _check_channel_tensor(
     if t.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
         raise TypeError(f"{op}: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
-    if t.device != input.device:
+    if not (t.is_cpu and input.is_cpu) and t.device != input.device:  # is_cpu: no device objects to build
         raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
 
 
@@ -210,10 +211,11 @@ def _check_activation(activation: object, unbiased: object, op: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Layout: what the backends see. (N, C) and (N, C, L) input reaches them as it is. An input with more
-# dims is flattened, as a view whenever its strides allow: channels_last / channels_last_3d input to
-# (M, C) = (N * prod(*), C) rows, channels innermost; any other layout to (N, C, L), L = prod(*) (a copy
-# when the trailing dims do not merge, e.g. a slice). The output is contiguous in that flat shape, so y
-# comes back channels_last for channels_last input and contiguous otherwise, as torch's own BatchNorm.
+# dims is flattened, as a view whenever its strides allow: channels_last / channels_last_3d input (and
+# a strided input whose strides torch reads as that format, e.g. a slice of one) to (M, C) =
+# (N * prod(*), C) rows, channels innermost; any other layout to (N, C, L), L = prod(*) (a copy when the
+# trailing dims do not merge, e.g. a slice). The output is contiguous in that flat shape, so y comes back
+# channels_last for channels_last input and contiguous otherwise, as torch's own BatchNorm.
 # ----------------------------------------------------------------------------------------------------
 class Layout(NamedTuple):
     """How an (N, C, *) input with more than 3 dims is flattened for the backends."""
@@ -230,6 +232,10 @@ def _layout(input: torch.Tensor) -> Layout | None:
     # An empty tensor is contiguous in every format: its strides tell which one it was made in.
     contiguous = input.is_contiguous() and (input.numel() > 0 or input.stride(1) != 1)
     channels_last = fmt is not None and not contiguous and input.is_contiguous(memory_format=fmt)
+    if fmt is not None and not contiguous and not channels_last:
+        # strided (e.g. a slice of a channels_last tensor): the format torch's own BatchNorm gives its
+        # output, from the order of the strides (C innermost: channels_last), which the rows then take
+        channels_last = suggest_memory_format(input) == fmt
     return Layout(input.shape, channels_last)
 
 
@@ -568,10 +574,26 @@ def _kernels():
     return kernels
 
 
-def _backend(triton: bool):
-    """(forward, backward) of the chosen backend: the one place that maps the dispatch decision to code."""
-    if triton:
+_native_ops = None  # fused_ops.kernels.cpu.batch_norm, once a call has run the native backend
+
+
+def _native_kernels():
+    global _native_ops
+    if _native_ops is None:
+        from fused_ops.kernels.cpu import batch_norm as kernels  # loaded by backend.select already
+
+        _native_ops = kernels
+    return _native_ops
+
+
+def _backend(backend: str):
+    """(forward, backward) of the chosen backend ("triton", "native" or "torch"): the one place that maps
+    the dispatch decision to code."""
+    if backend == "triton":
         kernels = _kernels()
+        return kernels.batch_norm_forward, kernels.batch_norm_backward
+    if backend == "native":
+        kernels = _native_kernels()
         return kernels.batch_norm_forward, kernels.batch_norm_backward
     return forward_torch, backward_torch
 
@@ -593,9 +615,9 @@ class BatchNormFunction(torch.autograd.Function):
         training: bool,
         unbiased: bool,
         activation: str | None,
-        triton: bool,
+        backend: str,
     ) -> torch.Tensor:
-        forward, _ = _backend(triton)
+        forward, _ = _backend(backend)
         y, mean, invstd = forward(
             input,
             weight,
@@ -622,7 +644,7 @@ class BatchNormFunction(torch.autograd.Function):
             y if activation in _SAVES_OUTPUT else None,
             residual if silu else None,
         )
-        ctx.config = (training, unbiased, activation, triton)
+        ctx.config = (training, unbiased, activation, backend)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -630,9 +652,9 @@ class BatchNormFunction(torch.autograd.Function):
     @once_differentiable  # double backward raises "trying to differentiate twice a function ..."
     def backward(ctx, dy: torch.Tensor):
         x, weight, bias, mean, invstd, y, residual = ctx.saved_tensors
-        training, unbiased, activation, triton = ctx.config
+        training, unbiased, activation, backend = ctx.config
         needs_dx, needs_dweight, needs_dbias, _, _, needs_dresidual = ctx.needs_input_grad[:6]
-        _, backward = _backend(triton)
+        _, backward = _backend(backend)
         dx, dweight, dbias, dresidual = backward(
             dy,
             x,
@@ -653,18 +675,20 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, dresidual, None, None, None, None, None, None
 
 
-def _use_triton_kernels(input: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """The dispatch decision, `use_triton`. The kernels take fp16/bf16/fp32 input: float64 stays on the
-    PyTorch path under "auto" and is an error when "triton" is forced. Raises before any state changes."""
-    triton = use_triton("batch_norm", input, *tensors)
-    if not triton or input.dtype != torch.float64:
-        return triton
+def _select_backend(input: torch.Tensor) -> str:
+    """The dispatch decision: "triton", "native" or "torch" (fused_ops.backend.select), after
+    `_check_args`, which has checked that every tensor of the call is on input's device. The Triton
+    kernels take fp16/bf16/fp32 input: float64 stays on the PyTorch path under "auto" and is an error
+    when "triton" is forced. The native kernels take every float dtype. Raises before any state changes."""
+    backend = select("batch_norm", input)
+    if backend != "triton" or input.dtype != torch.float64:
+        return backend
     if requested_backend() == "triton":
         raise BackendUnavailableError(
             "batch_norm: the Triton kernels take fp16/bf16/fp32 input, got float64; "
             "use backend 'torch' or 'auto'"
         )
-    return False
+    return "torch"
 
 
 def _batch_norm(
@@ -679,15 +703,20 @@ def _batch_norm(
     unbiased: bool,
     activation: str | None,
     residual: torch.Tensor | None,
-    triton: bool,
+    backend: str,
 ) -> torch.Tensor:
-    """`batch_norm` after `_check_args` and the backend choice (`_use_triton_kernels`): flattens the
-    input and applies the Function, or, when no gradient is needed, runs the forward alone (the same
-    output and running-stat update, without the cost of recording an autograd node)."""
+    """`batch_norm` after `_check_args` and the backend choice (`_select_backend`): flattens the input
+    and runs the native op (its autograd in C++), or applies the Function, or, when no gradient is
+    needed, runs the forward alone (the same output and running-stat update, without the cost of
+    recording an autograd node)."""
     layout = _layout(input)
     x = _flatten(input, layout)
     residual_flat = None if residual is None else _flatten(residual, layout)
-    if torch.is_grad_enabled() and (
+    if backend == "native":
+        y = _native_batch_norm(
+            x, weight, bias, running_mean, running_var, residual_flat, training, momentum, eps, unbiased, activation
+        )
+    elif torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
@@ -705,10 +734,10 @@ def _batch_norm(
             training,
             unbiased,
             activation,
-            triton,
+            backend,
         )
     else:
-        forward, _ = _backend(triton)
+        forward, _ = _backend(backend)
         with torch.no_grad():  # as inside Function.forward: the ops skip autograd's bookkeeping
             y = forward(
                 x,
@@ -724,6 +753,35 @@ def _batch_norm(
                 activation=activation,
             )[0]
     return _unflatten(y, layout)
+
+
+def _native_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    training: bool,
+    momentum: float | torch.Tensor,
+    eps: float,
+    unbiased: bool,
+    activation: str | None,
+) -> torch.Tensor:
+    """fused_ops::batch_norm, the native op, on flat x: y, and one autograd node (in C++) when a gradient
+    is needed. The call passes the arguments only up to the last that differs from the op's defaults
+    (momentum 0.1, eps 1e-5, biased): the boxed call converts each one it gets."""
+    kernels = _native_kernels()
+    code = kernels.ACTIVATIONS[activation]
+    if isinstance(momentum, torch.Tensor):
+        args = (training, code, 0.0, momentum, float(eps), unbiased)
+    elif unbiased or eps != 1e-5:
+        args = (training, code, float(momentum), None, float(eps), unbiased)
+    elif momentum != 0.1:
+        args = (training, code, float(momentum))
+    else:
+        args = (training, code)
+    return kernels.batch_norm(x, weight, bias, running_mean, running_var, residual, *args)
 
 
 def batch_norm(
@@ -771,12 +829,8 @@ def batch_norm(
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
     _check_args(*args, residual)
-    triton = _use_triton_kernels(input, running_mean, running_var, weight, bias, residual, _tensor(momentum))
-    return _batch_norm(*args, residual, triton)
-
-
-def _tensor(momentum: float | torch.Tensor) -> torch.Tensor | None:
-    return momentum if isinstance(momentum, torch.Tensor) else None
+    backend = _select_backend(input)  # every tensor is on input's device (checked)
+    return _batch_norm(*args, residual, backend)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -835,19 +889,22 @@ class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(BatchNorm(input) + residual); residual None or a tensor of input's shape and dtype."""
+        # Each parameter and buffer is read once: a module attribute that is not in __dict__ costs ~0.7 us
+        # (nn.Module.__getattr__), a tenth of a makemore-sized call.
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias = self.weight, self.bias
         # Same rules as torch's _BatchNorm.forward: batch statistics in training, or in eval when no
         # running stats are kept; running stats updated only in training with track_running_stats.
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        training = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
         momentum = 0.0 if self.momentum is None else self.momentum
         _check_args(
             input,
             running_mean,
             running_var,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             training,
             momentum,
             self.eps,
@@ -858,24 +915,26 @@ class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
             num_features=self.num_features,
             input_ndims=self._input_ndims,
         )
-        triton = _use_triton_kernels(input, running_mean, running_var, self.weight, self.bias, residual)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
-                momentum = self.num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
+        backend = _select_backend(input)  # every tensor is on input's device (checked)
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
+                    momentum = num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
         return _batch_norm(
             input,
             running_mean,
             running_var,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             training,
             momentum,
             self.eps,
             self.unbiased,
             self.activation,
             residual,
-            triton,
+            backend,
         )
 
     def extra_repr(self) -> str:

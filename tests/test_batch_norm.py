@@ -70,10 +70,11 @@ def assert_same(ours, ref, **tol):
             torch.testing.assert_close(ours[k], ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    with use_backend("torch"):
-        yield
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def backend(request):
+    """Every test on the PyTorch path and on the native CPU kernels (kernels/cpu/batch_norm.cpp)."""
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -584,10 +585,24 @@ def test_zero_variance_channel_far_from_zero_keeps_beta(shape):
     """Found by tests/test_fuzz.py (merging issues 11 and 13): training folded the statistics into
     x * gamma * invstd + (beta - mean * gamma * invstd), which for a constant channel at 1e4 rounds
     products near 8e6 for an output of -0.29: float32 lost 0.3 (torch 0.027). Formed as x - mean first,
-    the output is beta exactly."""
+    the output is beta exactly. On every backend (the fixture): the native kernels too."""
     weight, bias = torch.tensor([2.541]), torch.tensor([-0.2934])
     for dtype in (torch.float32, torch.float64):
         x = torch.full(shape, 1e4, dtype=dtype)
-        with use_backend("torch"):
-            y = fused_ops.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), training=True)
+        y = fused_ops.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), training=True)
         assert torch.equal(y, torch.full_like(x, bias.to(dtype).item())), (dtype, y.flatten()[:3])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known fault (issue 15's merge): at the dtype's max, x - mean or the variance overflows; torch "
+    "folds the statistics (y = x * 0 + beta once invstd is 0) and gives 0 where these backends give nan or "
+    "inf. The fuzz suite draws BatchNorm magnitudes below 1e18 on every backend.",
+)
+def test_statistics_overflow_at_dtype_max():
+    """Found by tests/test_fuzz.py when the native backend joined it; minimal input: one channel of
+    (max, -max, -max), whose x - mean is 4/3 max. Both CPU backends (the fixture) fail it."""
+    big = torch.finfo(torch.float64).max
+    x = torch.tensor([[big], [-big], [-big]], dtype=torch.float64)
+    ours = fused_ops.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(ours, F.batch_norm(x, None, None, training=True))

@@ -49,10 +49,11 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    with use_backend("torch"):
-        yield
+@pytest.fixture(autouse=True, params=["torch", "native"])
+def backend(request):
+    """Every test on the PyTorch path and on the native CPU kernels (kernels/cpu/batch_norm.cpp)."""
+    with use_backend(request.param):
+        yield request.param
 
 
 def make(layout: str, dtype=torch.float64, mean=1.0, std=2.0) -> torch.Tensor:

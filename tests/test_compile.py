@@ -1,7 +1,7 @@
 """torch.compile over the fused ops: whole graphs, eager's losses and gradients, bounded recompilation.
 
-CPU tests run what "auto" picks for CPU tensors: the native kernels for cross-entropy (where they build;
-the PyTorch path otherwise) and the PyTorch path for BatchNorm. Inductor compiles C++ with the
+CPU tests run what "auto" picks for CPU tensors: the native kernels for cross-entropy and BatchNorm
+(where they build; the PyTorch path otherwise). Inductor compiles C++ with the
 system compiler, which takes many seconds on a small machine, so one test uses it (training steps of
 the makemore MLP) and the option grids use "aot_eager": dynamo and AOTAutograd trace exactly as they
 do for Inductor (graph breaks, guards, functionalisation, the compiled backward), and only the code

@@ -319,7 +319,7 @@ def test_compiles_fullgraph_like_eager(kwargs):
 @pytest.mark.compile
 def test_the_makemore_mlp_graph_calls_the_native_op():
     """Under "auto" (what tests/test_compile.py compiles with Inductor), dynamo's graph of a makemore
-    forward holds the native op, and BatchNorm's PyTorch path beside it."""
+    forward holds the native ops: cross-entropy's and BatchNorm's."""
     from fused_ops.makemore.model import MLP
 
     graphs = []
@@ -334,7 +334,7 @@ def test_the_makemore_mlp_graph_calls_the_native_op():
         _, loss = compiled(torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,)))
     loss.backward()
     (graph,) = graphs
-    assert "fused_ops.cross_entropy" in graph.code
+    assert "fused_ops.cross_entropy" in graph.code and "fused_ops.batch_norm" in graph.code
     torch._dynamo.reset()
 
 
@@ -345,12 +345,15 @@ def test_auto_picks_native_for_cpu_tensors_of_ops_that_have_it():
     x = torch.randn(2, 3)
     with fused_ops.use_backend("auto"):
         assert select("cross_entropy", x, None) == "native"
-        assert select("batch_norm", x) == "torch"  # no native BatchNorm kernels yet
+        assert select("batch_norm", x) == "native"
+        assert select("an_op_without_native_kernels", x) == "torch"
 
 
 def test_forcing_native_where_it_cannot_run_raises():
-    with pytest.raises(BackendUnavailableError, match="batch_norm has no native CPU kernels"):
-        fused_ops.batch_norm(torch.randn(4, 3), None, None, training=True)
+    with pytest.raises(BackendUnavailableError, match="an_op has no native CPU kernels"):
+        select("an_op", torch.randn(4, 3))
+    with pytest.raises(BackendUnavailableError, match="need CPU tensors"):
+        fused_ops.batch_norm(torch.randn(4, 3, device="meta"), None, None, training=True)
     with pytest.raises(BackendUnavailableError, match="need CPU tensors"):
         fused_ops.cross_entropy(
             torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_ops
-from fused_ops.backend import triton_available, triton_interpreter_enabled
+from fused_ops.backend import native_available, triton_available, triton_interpreter_enabled
 
 hypothesis = pytest.importorskip("hypothesis")  # a test dependency (extra "test"), not the package's
 from hypothesis import given, settings  # noqa: E402
@@ -73,12 +73,14 @@ def _kernels_run_here() -> bool:
     return triton_available() and (torch.cuda.is_available() or triton_interpreter_enabled())
 
 
-# triton: BatchNorm inputs stay below 1e18, so that x^2 fits float32. At float32's max the kernels'
-# variance overflows and they give nan where torch gives 0 (a known fault, kept as the strict xfail
-# test_batch_norm_triton.py::test_variance_overflow_at_float32_max for the kernels' owner).
+# BatchNorm inputs stay below 1e18 on every backend, so that x^2 fits float32. At the dtype's max the
+# statistics overflow, and every backend gives nan or inf where torch's folded form gives 0 (a known
+# fault, kept as the strict xfails test_batch_norm_triton.py::test_variance_overflow_at_float32_max and
+# test_batch_norm.py::test_statistics_overflow_at_dtype_max). Cross-entropy draws up to the dtype's max.
 BACKENDS = [
-    Backend("torch", (torch.float64, torch.float32, torch.bfloat16, torch.float16), 40, 5, 1.0),
+    Backend("torch", (torch.float64, torch.float32, torch.bfloat16, torch.float16), 40, 5, 1.0, bn_max_abs=1e18),
     Backend("triton", (torch.float32, torch.bfloat16, torch.float16), 40, 3, 0.2, _kernels_run_here, 1e18),
+    Backend("native", (torch.float64, torch.float32, torch.bfloat16, torch.float16), 40, 5, 0.5, native_available, 1e18),
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -145,7 +147,12 @@ def non_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-LAYOUTS = {"contiguous": lambda x: x, "non_contiguous": non_contiguous}
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """4-D x in channels_last memory (NHWC); other x as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+LAYOUTS = {"contiguous": lambda x: x, "non_contiguous": non_contiguous, "channels_last": channels_last}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,8 +357,8 @@ def test_cross_entropy_same_dtype(backend, dtype):
 # ----------------------------------------------------------------------------------------------------
 # BatchNorm: batch_norm (functional) and BatchNorm1d (module).
 # ----------------------------------------------------------------------------------------------------
-ACTIVATIONS = {None: lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
-BN_SHAPES = {"(N, C)": 2, "(N, C, L)": 3}  # name -> input dims
+ACTIVATIONS = {None: lambda t: t, "tanh": torch.tanh, "relu": torch.relu, "silu": F.silu}
+BN_SHAPES = {"(N, C)": 2, "(N, C, L)": 3, "(N, C, H, W)": 4}  # name -> input dims
 BN_OPTIONS = {
     "shape": st.sampled_from(list(BN_SHAPES)),
     "training": st.booleans(),
@@ -365,10 +372,13 @@ BN_OPTIONS = {
     "zero_variance_channel": st.booleans(),
     "shift": st.sampled_from([0.0, 0.0, 1e2, 1e4]),  # |mean| >> std
     "memory": st.sampled_from(list(LAYOUTS)),
+    "residual": st.booleans(),  # act(BatchNorm(x) + residual)
 }
 
 
-def bn_oracle(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation):
+def bn_oracle(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation, residual
+):
     """F.batch_norm, then the activation. unbiased=True normalises with var * n / (n - 1), the same as
     F.batch_norm with eps * (n - 1) / n and weight * sqrt((n - 1) / n)."""
     if unbiased and training:
@@ -382,10 +392,12 @@ def bn_oracle(input, running_mean, running_var, weight, bias, training, momentum
         else:
             weight = weight * gain
     y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return ACTIVATIONS[activation](y)
+    return ACTIVATIONS[activation](y if residual is None else y + residual)
 
 
-def bn_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation):
+def bn_reference(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation, residual
+):
     """The float64 truth: F.batch_norm's semantics (its running-stat update included) with x - mean formed
     before anything multiplies it. torch folds the statistics into one scale and shift, y = x * gamma *
     invstd + (beta - mean * gamma * invstd), which for |mean| >> std rounds a product far larger than y:
@@ -401,14 +413,14 @@ def bn_reference(input, running_mean, running_var, weight, bias, training, momen
     y = (input - mean.view(view)) * torch.rsqrt(var + eps).view(view)
     y = y if weight is None else y * weight.view(view)
     y = y if bias is None else y + bias.view(view)
-    return ACTIVATIONS[activation](y)
+    return ACTIVATIONS[activation](y if residual is None else y + residual)
 
 
 @st.composite
 def bn_case(draw, backend: Backend, dtype: torch.dtype) -> dict:
     o = {name: draw(strategy) for name, strategy in BN_OPTIONS.items()}
     N, C = draw(st.integers(1, 3)), draw(st.integers(1, 9))
-    shape = (N, C) if BN_SHAPES[o["shape"]] == 2 else (N, C, draw(st.integers(1, backend.max_length)))
+    shape = (N, C, draw(st.integers(1, backend.max_length)), draw(st.integers(1, 2)))[: BN_SHAPES[o["shape"]]]
     x = draw(values(shape, dtype, max_abs=backend.bn_max_abs)).double() + o["shift"]
     if o["zero_variance_channel"]:
         x[:, draw(st.integers(0, C - 1))] = draw(st.sampled_from([0.0, 1.0, 1e4]))
@@ -439,6 +451,7 @@ def bn_case(draw, backend: Backend, dtype: torch.dtype) -> dict:
         "eps": o["eps"],
         "unbiased": o["unbiased"],
         "activation": o["activation"],
+        "residual": LAYOUTS[o["memory"]](torch.randn(shape, generator=gen).to(dtype)) if o["residual"] else None,
     }
 
 
@@ -452,12 +465,12 @@ def _fresh_stats(case: dict, dtype: torch.dtype | None = None, device: str = "cp
 
 
 def check_batch_norm(case: dict, dtype: torch.dtype, seed: int) -> None:
-    wrt = ("input", "weight", "bias")
+    wrt = ("input", "weight", "bias", "residual")
     one_value = case["training"] and case["input"].numel() == case["input"].shape[1]
     ours_case = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in _fresh_stats(case, device=DEVICE).items()}
     if one_value:  # torch raises (one value per channel in training); so must we, changing nothing
         with pytest.raises(ValueError, match="more than 1 value per channel"):
-            F.batch_norm(**{k: v for k, v in case.items() if k not in ("unbiased", "activation")})
+            F.batch_norm(**{k: v for k, v in case.items() if k not in ("unbiased", "activation", "residual")})
         before = {k: ours_case[k].clone() for k in ("running_mean", "running_var") if ours_case[k] is not None}
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             fused_ops.batch_norm(**ours_case)

@@ -37,10 +37,10 @@ from fused_ops.batch_norm import (
     _layout,
     _reduce_dims,
     _scale_shift,
+    _select_backend,
     _to,
     _training_input_grad_,
     _unflatten,
-    _use_triton_kernels,
     stat_dtype,
 )
 from fused_ops.distributed.collectives import (
@@ -69,7 +69,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         unbiased: bool,
         activation: str | None,
         process_group: dist.ProcessGroup | None,
-        triton: bool,
+        backend: str,
     ) -> torch.Tensor:
         stat = stat_dtype(input.dtype)
         moments = all_gather_moments(local_moments(input, _reduce_dims(input.ndim), stat), process_group)
@@ -87,7 +87,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             running_var.copy_(torch.where(update, new_var, running_var.to(stat)))
         # Normalising with the global statistics is the single-process eval pass with them as running
         # stats, on the backend fused_ops.batch_norm would pick (the Triton kernel on CUDA).
-        forward, _ = _backend(triton)
+        forward, _ = _backend(backend)
         y, mean, invstd = forward(
             input,
             weight,
@@ -206,8 +206,7 @@ class SyncBatchNorm(_FusedBatchNorm):
             num_features=self.num_features,
         )
         # may raise: before any state changes
-        stats = (self.running_mean, self.running_var)
-        triton = _use_triton_kernels(input, *stats, self.weight, self.bias, residual)
+        backend = _select_backend(input)  # every tensor is on input's device (checked)
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
@@ -225,7 +224,7 @@ class SyncBatchNorm(_FusedBatchNorm):
             self.unbiased,
             self.activation,
             self.process_group,
-            triton,
+            backend,
         )
         return _unflatten(y, layout)
 
