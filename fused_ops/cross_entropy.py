@@ -592,12 +592,15 @@ def _rows_loss_and_grad(
     need_grad: bool,
     loss_dtype: torch.dtype,
     targets_in_range: bool,
+    reduction: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk of rows for an op that feeds cross-entropy piece by piece (`linear_cross_entropy`).
 
     logits: (M, C), unit column stride, a buffer the caller owns; target: (M,) or (M, C); arguments
     already checked. Returns the (M,) per-row losses (reduction "none") in loss_dtype and, when
     need_grad, d(sum_i loss_i)/d(logits) (M, C) in logits' dtype: a unit grad_output, no mean scale.
+    reduction "mean" or "sum" (a chunk that holds every row): the () reduced loss and its gradient,
+    the mean's denominator applied, as `cross_entropy` gives them.
     Runs on the backend `cross_entropy` picks for these tensors, through the same `_forward`. Where
     the backend writes the gradient in place at no cost (Triton), it overwrites logits; the PyTorch
     path and the native kernels return a new tensor (copying it back would cost a pass).
@@ -606,7 +609,7 @@ def _rows_loss_and_grad(
     call = _Call(
         shape=logits.shape,
         ignore_index=ignore_index,
-        reduction="none",
+        reduction=reduction,
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap),

@@ -216,6 +216,15 @@ class _Call(NamedTuple):
     loss_dtype: torch.dtype  # input's dtype, or float32 under autocast
     targets_in_range: bool  # index targets were checked to lie in [0, V) or equal ignore_index
     shard: VocabShard | None  # vocab-parallel: this rank's slice of the head
+    rows: int  # M, input's rows
+
+    @property
+    def reduced_by_chunk(self) -> bool:
+        """One chunk holds every row of a "mean" or "sum" call (no shard): its cross-entropy call then
+        reduces the loss and scales the gradient itself (a unit grad_output, the mean's denominator
+        included), and the Function skips its own reduction scale (`_reduction_scale`, a dozen small ops
+        that dominate small heads such as makemore's (32, 200) x (27, 200))."""
+        return self.shard is None and self.reduction != "none" and 0 < self.rows <= self.chunk_size
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -258,7 +267,8 @@ def _rows(
 
     need: which of dX (M, H), dW (V, H), db (V,) to compute (None where not), in the accumulation dtype.
     row_grad None (the forward): G for a unit grad_output, and the loss: (M,) per row for "none", else
-    the () sum of the rows, in the accumulation dtype. row_grad (M,) (a recomputing backward): each
+    the () sum of the rows, in the accumulation dtype; with `call.reduced_by_chunk`, the () reduced loss
+    and the gradients of it (the reduction's scale applied by cross_entropy). row_grad (M,) (a recomputing backward): each
     chunk's G scaled row by row by it before the matmuls; no loss.
     """
     acc = _acc_dtype(input.dtype)
@@ -294,12 +304,13 @@ def _rows(
                 need_grad=need_grad,
                 loss_dtype=acc,
                 targets_in_range=call.targets_in_range,
+                reduction=call.reduction if call.reduced_by_chunk else "none",
             )
         else:
             loss, grad = call.shard.loss_and_grad(logits, t, weight, need_grad, call)
         del logits  # the Triton pass wrote G over it; the PyTorch path made G anew
         if row_grad is None:
-            losses.append(loss if call.reduction == "none" else loss.sum())
+            losses.append(loss if call.reduction == "none" or call.reduced_by_chunk else loss.sum())
         else:  # dz *= grad_output of its row
             row_factor = row_grad[start : start + call.chunk_size].unsqueeze(1)
             grad = grad.mul_(row_factor) if inplace else grad * row_factor
@@ -324,6 +335,8 @@ def _rows(
     if row_grad is None:
         if call.reduction == "none":
             loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=acc)
+        elif call.reduced_by_chunk and losses:
+            loss = losses[0]
         else:
             loss = torch.stack(losses).sum() if losses else input.new_zeros((), dtype=acc)
     return loss, dx, dw, db
@@ -338,8 +351,9 @@ class _Scale(NamedTuple):
 
 
 def _reduction_scale(target: torch.Tensor, weight: torch.Tensor | None, call: _Call) -> _Scale:
-    """The "mean" denominator and the gradient scales, from the (M,) or (M, V) targets alone."""
-    if call.reduction != "mean":
+    """The "mean" denominator and the gradient scales, from the (M,) or (M, V) targets alone; none where
+    the one chunk's cross-entropy call reduces itself (`_Call.reduced_by_chunk`)."""
+    if call.reduction != "mean" or call.reduced_by_chunk:
         return _Scale(None, None, None)
     rows = target.shape[0]
     if target.is_floating_point():  # torch divides by M; an empty batch has no gradient to scale
@@ -363,7 +377,7 @@ def _reduction_scale(target: torch.Tensor, weight: torch.Tensor | None, call: _C
 
 def _finish_loss(loss: torch.Tensor, scale: _Scale, call: _Call) -> torch.Tensor:
     """The summed (or per-row) loss in the accumulation dtype -> the reduced loss in call.loss_dtype."""
-    if call.reduction == "mean":
+    if scale.denom is not None:  # "mean" over several chunks
         loss = loss / scale.denom
     # A new tensor under torch.compile, never an alias of an intermediate: torch 2.11's dynamo returns
     # every intermediate of a Function's forward too, and gave the twin the gradient (the loss got a
@@ -640,6 +654,7 @@ def _apply(
         loss_dtype=loss_dtype,
         targets_in_range=targets_in_range,
         shard=shard,
+        rows=rows.shape[0],
     )
     grad_enabled = torch.is_grad_enabled()
     needs_grad = grad_enabled and (

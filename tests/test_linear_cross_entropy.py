@@ -176,21 +176,25 @@ def test_gradcheck(reduction, kind):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_all_ignored_and_empty_batches(reduction, smoothing):
-    """torch: "mean" over nothing is nan, with zero gradients; an empty batch likewise."""
+@pytest.mark.parametrize("chunk_size", [4, 64], ids=["chunks", "one_chunk"])
+def test_all_ignored_and_empty_batches(reduction, smoothing, chunk_size):
+    """torch: "mean" over nothing is nan, with zero gradients; an empty batch likewise. one_chunk: the
+    chunk's cross-entropy call reduces itself (regression: an empty batch gave 0, not nan, there)."""
     for rows in (ROWS, 0):
         x, w, b = make_inputs(batch=(rows,))
         target = torch.full((rows,), -100)
-        assert_matches_eager({"reduction": reduction, "label_smoothing": smoothing}, x, w, b, target, 4)
+        kwargs = {"reduction": reduction, "label_smoothing": smoothing}
+        assert_matches_eager(kwargs, x, w, b, target, chunk_size)
 
 
-def test_zero_weight_classes_give_torch_nan():
+@pytest.mark.parametrize("chunk_size", [4, 64], ids=["chunks", "one_chunk"])
+def test_zero_weight_classes_give_torch_nan(chunk_size):
     """Every counted row's class has weight 0: "mean" is 0 / 0, nan in the loss and the counted rows."""
     x, w, b = make_inputs()
     target = make_target((ROWS,), "int64")
     weight = torch.rand(VOCAB, dtype=torch.float64) + 0.2
     weight[target[target >= 0]] = 0.0
-    assert_matches_eager({"weight": weight}, x, w, b, target, chunk_size=4)
+    assert_matches_eager({"weight": weight}, x, w, b, target, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("frozen", ["linear_weight", "input", "bias", "input+bias"])
