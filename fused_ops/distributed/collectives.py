@@ -11,6 +11,7 @@ Every collective is issued unconditionally by every rank of the group, whatever 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import NamedTuple
 
@@ -150,6 +151,12 @@ def setup_ddp(device: str | None = None, timeout_s: float = 300.0) -> DDPInfo:
 
 
 def cleanup_ddp() -> None:
-    """Leave the default process group, if one was set up."""
+    """Leave the default process group, if one was set up.
+
+    Garbage is collected first: a DistributedDataParallel wrapper sits in reference cycles, and one
+    freed only at interpreter exit, after the group was destroyed, let gloo's worker threads outlive
+    it; the process then aborted ("terminate called without an active exception", exit -6; 2 runs of
+    12 of `train --ddp` on 3 ranks under load, torch 2.11)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
