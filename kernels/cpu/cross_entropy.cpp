@@ -36,6 +36,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -97,6 +98,32 @@ acc_t vec_sum(const vec::Vectorized<acc_t>& v) {
   return vec::vec_reduce_all<acc_t>([](auto& a, auto& b) { return a + b; }, v);
 }
 
+// Rows per block of the kernel's row loop, and the scratch bytes (acc_t) a block may take.
+constexpr int64_t kBlockRows = 16;
+constexpr int64_t kBlockBytes = 16 * 1024;
+
+// Short rows (the 1-ulp exp) take their exps a block of rows at a time: the kernel writes z_c - m of
+// every row of the block into e, contiguous, and exp_block takes exp() of all of it in one loop. Per
+// row, the exp pass would call exp() on a vector or two with its accumulators live: perf at (4096, 27)
+// showed them spilled around each call and most of the row's time in reloading them.
+inline bool exped(int64_t C) { return C < kFastExpMinClasses; }
+
+// e[c] = z[c] - m (<= 0), c < C.
+template <typename acc_t>
+void shift_row(const acc_t* z, acc_t m, acc_t* e, int64_t C) {
+  using Vec = vec::Vectorized<acc_t>;
+  const Vec vm(m);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) (Vec::loadu(z + c) - vm).store(e + c);
+  if (c < C) (Vec::loadu(z + c, C - c) - vm).store(e + c, C - c);
+}
+
+// e[i] = exp(e[i]), i < n: exp(z_c - m) for a block of rows, with exp_shifted's slow (1-ulp) exp.
+template <typename acc_t>
+void exp_block(acc_t* e, int64_t n) {
+  vec::map([](const vec::Vectorized<acc_t>& d) { return exp_shifted<acc_t>(d, false); }, e, e, n);
+}
+
 // What a row needs besides its logits; the same for every row of a call.
 template <typename acc_t>
 struct RowConstants {
@@ -155,8 +182,9 @@ struct Sums {
 };
 
 // The exp pass of an index-target row: s, and with SMOOTH sum_c w_c (m - z_c) (w: weights or nullptr);
-// with STORE, e[c] = exp(z_c - m).
-template <bool FAST, bool STORE, bool SMOOTH, typename acc_t>
+// with STORE, e[c] = exp(z_c - m). With EXPED, e already holds exp(z_c - m) (exp_block): the same
+// values, summed in the same order.
+template <bool FAST, bool STORE, bool SMOOTH, bool EXPED, typename acc_t>
 Sums<acc_t> index_exp_pass(const acc_t* z, acc_t* e, const acc_t* w, acc_t m, int64_t C) {
   using Vec = vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -164,8 +192,13 @@ Sums<acc_t> index_exp_pass(const acc_t* z, acc_t* e, const acc_t* w, acc_t m, in
   Vec s0(0), s1(0), s2(0), s3(0), o0(0), o1(0), o2(0), o3(0);
   auto step = [&](int64_t c, int64_t n, Vec& s, Vec& o) C10_ALWAYS_INLINE_ATTRIBUTE {
     const Vec zc = n == V ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
-    Vec ex = exp_shifted<acc_t>(zc - vm, FAST);  // exp(z_c - m), z_c - m <= 0
-    if (n < V) ex = Vec::set(Vec(0), ex, n);
+    Vec ex;
+    if constexpr (EXPED) {
+      ex = n == V ? Vec::loadu(e + c) : Vec::loadu(e + c, n);  // padding lanes load as 0
+    } else {
+      ex = exp_shifted<acc_t>(zc - vm, FAST);  // exp(z_c - m), z_c - m <= 0
+      if (n < V) ex = Vec::set(Vec(0), ex, n);
+    }
     s += ex;
     if constexpr (STORE) {
       if (n == V) ex.store(e + c); else ex.store(e + c, n);
@@ -190,7 +223,7 @@ Sums<acc_t> index_exp_pass(const acc_t* z, acc_t* e, const acc_t* w, acc_t m, in
 
 // The pass of a probability-target row, q_c = w_c ((1 - eps) p_c + eps / C): s, sum_c q_c (m - z_c)
 // and sum_c q_c; with STORE, e[c] = exp(z_c - m).
-template <bool FAST, bool STORE, typename acc_t>
+template <bool FAST, bool STORE, bool EXPED, typename acc_t>
 Sums<acc_t> prob_exp_pass(const acc_t* z, const acc_t* p, acc_t* e, const acc_t* w, acc_t m, acc_t eps,
                           int64_t C) {
   using Vec = vec::Vectorized<acc_t>;
@@ -201,11 +234,14 @@ Sums<acc_t> prob_exp_pass(const acc_t* z, const acc_t* p, acc_t* e, const acc_t*
     const Vec zc = n == V ? Vec::loadu(z + c) : Vec::loadu(z + c, n);
     Vec q = vec::fmadd(keep, n == V ? Vec::loadu(p + c) : Vec::loadu(p + c, n), spread);
     if (w != nullptr) q = q * (n == V ? Vec::loadu(w + c) : Vec::loadu(w + c, n));
-    Vec ex = exp_shifted<acc_t>(zc - vm, FAST);
-    if (n < V) {
-      ex = Vec::set(Vec(0), ex, n);
-      q = Vec::set(Vec(0), q, n);
+    Vec ex;
+    if constexpr (EXPED) {
+      ex = n == V ? Vec::loadu(e + c) : Vec::loadu(e + c, n);  // padding lanes load as 0
+    } else {
+      ex = exp_shifted<acc_t>(zc - vm, FAST);
+      if (n < V) ex = Vec::set(Vec(0), ex, n);
     }
+    if (n < V) q = Vec::set(Vec(0), q, n);
     s += ex;
     qs += q;
     o = vec::fmadd(q, vm - zc, o);  // padding lanes: 0 * (m - 0), finite unless m is not
@@ -225,10 +261,12 @@ Sums<acc_t> prob_exp_pass(const acc_t* z, const acc_t* p, acc_t* e, const acc_t*
   return {vec_sum((s0 + s1) + (s2 + s3)), vec_sum((o0 + o1) + (o2 + o3)), vec_sum((q0 + q1) + (q2 + q3))};
 }
 
-// One row of index-target cross-entropy. z: the row's (soft-capped) logits as acc_t; y: its target
-// class, w_y: w[y] (the row is not ignored: ignored rows never get here, so whatever they hold, nan or
-// inf, cannot reach the loss or the gradient). When e is not null, e[c] = exp(z_c - max) is stored
-// there for the gradient pass (which then needs no second exp).
+// One row of index-target cross-entropy, in two steps. index_sums: z, the row's (soft-capped) logits
+// as acc_t, and m = max_c z_c give s and, with smoothing, sum_c w_c (m - z_c); when e is not null,
+// e[c] = exp(z_c - m) is stored there for the gradient pass (which then needs no second exp).
+// index_stats: with log_s = log(s), the row's loss and gradient factors, for target class y with
+// w_y = w[y] (the row is not ignored: ignored rows never get here, so whatever they hold, nan or inf,
+// cannot reach the loss or the gradient). The kernel takes the logs of a block of rows between the two.
 //
 // Byte model: z is read from memory once (the row is then in L1/L2 for the passes below).
 //   pass 1: m = max_c z_c
@@ -236,21 +274,27 @@ Sums<acc_t> prob_exp_pass(const acc_t* z, const acc_t* p, acc_t* e, const acc_t*
 //   loss_i = (1 - eps) w_y (lse - z_y) + eps / C * sum_c w_c (lse - z_c) + z_loss * lse^2,
 //   lse - z_c = log(s) + (m - z_c): every term is >= 0, so nothing cancels (lse * W - sum w_c z_c would).
 template <typename acc_t>
-RowStats<acc_t> index_row(const acc_t* z, acc_t* e, int64_t y, acc_t w_y, const RowConstants<acc_t>& k) {
-  const int64_t C = k.C;
-  const acc_t m = row_max(z, C);
-  const bool smooth = k.eps > 0;
-  const Sums<acc_t> sums = dispatch_flag(C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
+Sums<acc_t> index_sums(const acc_t* z, acc_t* e, acc_t m, const RowConstants<acc_t>& k) {
+  if (exped(k.C)) {
+    return dispatch_flag(k.eps > 0, [&](auto smoothed) {
+      return index_exp_pass<false, false, smoothed.value, true>(z, e, k.weight, m, k.C);
+    });
+  }
+  return dispatch_flag(k.C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
     return dispatch_flag(e != nullptr, [&](auto store) {
-      return dispatch_flag(smooth, [&](auto smoothed) {
-        return index_exp_pass<fast.value, store.value, smoothed.value>(z, e, k.weight, m, C);
+      return dispatch_flag(k.eps > 0, [&](auto smoothed) {
+        return index_exp_pass<fast.value, store.value, smoothed.value, false>(z, e, k.weight, m, k.C);
       });
     });
   });
-  const acc_t s = sums.s;
-  const acc_t log_s = std::log(s);
+}
+
+template <typename acc_t>
+RowStats<acc_t> index_stats(acc_t m, const Sums<acc_t>& sums, acc_t log_s, acc_t z_y, acc_t w_y,
+                            const RowConstants<acc_t>& k) {
+  const bool smooth = k.eps > 0;
   const acc_t lse = m + log_s;
-  const acc_t nll = (m - z[y]) + log_s;  // -logp_iy
+  const acc_t nll = (m - z_y) + log_s;  // -logp_iy
   acc_t loss = smooth ? (1 - k.eps) * w_y * nll : w_y * nll;
   acc_t sum_q = smooth ? (1 - k.eps) * w_y : w_y;
   if (smooth) {  // torch adds the smoothing term only for eps > 0 (a -inf logit is finite at eps = 0)
@@ -261,22 +305,25 @@ RowStats<acc_t> index_row(const acc_t* z, acc_t* e, int64_t y, acc_t w_y, const 
     loss += k.z_loss * lse * lse;
     sum_q += 2 * k.z_loss * lse;  // d(z_loss * lse^2)/dz_c = 2 * z_loss * lse * softmax_c
   }
-  return {loss, sum_q, 1 / s};
+  return {loss, sum_q, 1 / sums.s};
 }
 
-// One row of probability-target cross-entropy, q_c = w_c ((1 - eps) p_c + eps / C):
+// One row of probability-target cross-entropy, q_c = w_c ((1 - eps) p_c + eps / C), in the same two
+// steps: prob_sums gives s, sum_c q_c (m - z_c) and sum_q; then
 //   loss_i = sum_c q_c (lse - z_c) = sum_q * log(s) + sum_c q_c (m - z_c)  (+ z_loss * lse^2).
 // Byte model: z and p are each read from memory once.
 template <typename acc_t>
-RowStats<acc_t> prob_row(const acc_t* z, const acc_t* p, acc_t* e, const RowConstants<acc_t>& k) {
-  const int64_t C = k.C;
-  const acc_t m = row_max(z, C);
-  const Sums<acc_t> sums = dispatch_flag(C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
+Sums<acc_t> prob_sums(const acc_t* z, const acc_t* p, acc_t* e, acc_t m, const RowConstants<acc_t>& k) {
+  if (exped(k.C)) return prob_exp_pass<false, false, true>(z, p, e, k.weight, m, k.eps, k.C);
+  return dispatch_flag(k.C >= kFastExpMinClasses && std::isfinite(m), [&](auto fast) {
     return dispatch_flag(e != nullptr, [&](auto store) {
-      return prob_exp_pass<fast.value, store.value>(z, p, e, k.weight, m, k.eps, C);
+      return prob_exp_pass<fast.value, store.value, false>(z, p, e, k.weight, m, k.eps, k.C);
     });
   });
-  const acc_t log_s = std::log(sums.s);
+}
+
+template <typename acc_t>
+RowStats<acc_t> prob_stats(acc_t m, const Sums<acc_t>& sums, acc_t log_s, const RowConstants<acc_t>& k) {
   const acc_t lse = m + log_s;
   acc_t sum_q = sums.q;
   acc_t loss = sum_q * log_s + sums.other;
@@ -368,45 +415,110 @@ void cross_entropy_fwd_kernel(const scalar_t* x, int64_t stride_xm, const scalar
 
   // A few hundred KB of rows per task: (32, 27) runs inline, a (4096, 32000) call splits by rows.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+  // Rows go in blocks of up to kBlockRows that fit in L1 together, each step of the row pass running
+  // over the whole block before the next: the rows' chains (max, exp, sum, log) are independent, so the
+  // core overlaps them. A short row is all latency (perf at (4096, 27): the horizontal reductions and
+  // logf of one row waited on each other). Rows of kBlockBytes and more go one at a time, as before.
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t R = std::clamp<int64_t>(kBlockBytes / row_bytes, 1, kBlockRows);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     // Per-task scratch rows, in cache: converted logits and targets, tanh, and (for half/bfloat16 or
     // softcap) the float gradient before its single rounding.
     const bool need_z = !kSameType || softcap;
-    std::unique_ptr<acc_t[]> z_buf(need_z ? new acc_t[C] : nullptr);
-    std::unique_ptr<acc_t[]> t_buf(softcap ? new acc_t[C] : nullptr);
-    std::unique_ptr<acc_t[]> p_buf(!index && !kSameType ? new acc_t[C] : nullptr);
-    std::unique_ptr<acc_t[]> e_buf(g_base != nullptr && !kSameType ? new acc_t[C] : nullptr);
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* g_row = g_base != nullptr ? g_base + i * C : nullptr;
-      if (index && y[i] == opt.ignore_index) {  // ignored: contributes exactly nothing, whatever it holds
-        row_loss[i] = 0;
-        if (g_row != nullptr) std::fill_n(g_row, C, scalar_t(0));
-        continue;
+    const int64_t RC = std::min(R, end - begin) * C;
+    std::unique_ptr<acc_t[]> z_buf(need_z ? new acc_t[RC] : nullptr);
+    std::unique_ptr<acc_t[]> t_buf(softcap ? new acc_t[RC] : nullptr);
+    std::unique_ptr<acc_t[]> p_buf(!index && !kSameType ? new acc_t[RC] : nullptr);
+    // e: the gradient's rows themselves for float/double; scratch for half/bfloat16, and for short
+    // rows without a gradient (exp_block needs somewhere to put the exps)
+    const bool e_scratch = g_base != nullptr ? !kSameType : exped(C);
+    std::unique_ptr<acc_t[]> e_buf(e_scratch ? new acc_t[RC] : nullptr);
+    const acc_t* zs[kBlockRows];  // per row of the block: its logits, probabilities and exp/gradient
+    const acc_t* ps[kBlockRows];
+    acc_t* es[kBlockRows];
+    acc_t ms[kBlockRows];
+    Sums<acc_t> sums[kBlockRows];
+    acc_t log_s[kBlockRows];
+    for (int64_t b = begin; b < end; b += R) {
+      const int64_t n = std::min(R, end - b);
+      // The block's e rows, contiguous: rows b..b+n of the gradient, or the scratch rows.
+      acc_t* e_block = e_scratch          ? e_buf.get()
+                       : g_base != nullptr ? reinterpret_cast<acc_t*>(g_base) + b * C
+                                           : nullptr;
+      // Short rows: each row's max, e = z - m; then e = exp(e) over the whole block (exp_block).
+      for (int64_t r = 0; r < n && exped(C); ++r) {
+        const int64_t i = b + r;
+        if (index && y[i] == opt.ignore_index) {
+          std::fill_n(e_block + r * C, C, acc_t(0));  // exp_block's input: anything finite
+          continue;
+        }
+        zs[r] = as_acc<scalar_t, acc_t>(x + i * stride_xm, z_buf.get() + r * C, C);
+        if (softcap) {
+          soft_cap_row<acc_t>(zs[r], z_buf.get() + r * C, t_buf.get() + r * C, k);
+          zs[r] = z_buf.get() + r * C;
+        }
+        ms[r] = row_max(zs[r], C);
+        shift_row(zs[r], ms[r], e_block + r * C, C);
       }
-      const acc_t* z = as_acc<scalar_t, acc_t>(x + i * stride_xm, z_buf.get(), C);
-      if (softcap) {
-        soft_cap_row<acc_t>(z, z_buf.get(), t_buf.get(), k);
-        z = z_buf.get();
+      if (exped(C)) exp_block(e_block, n * C);
+      for (int64_t r = 0; r < n; ++r) {  // m, s and the other sums of each row; e = exp(z - m)
+        const int64_t i = b + r;
+        if (index && y[i] == opt.ignore_index) {  // ignored: contributes exactly nothing, whatever it holds
+          sums[r] = {1, 0, 0};
+          continue;
+        }
+        if (exped(C)) {  // z, m and e are ready
+          es[r] = e_block + r * C;
+          ps[r] = index ? nullptr
+                        : as_acc<scalar_t, acc_t>(p_base + i * stride_pm, p_buf.get() + r * C, C);
+          sums[r] = index ? index_sums<acc_t>(zs[r], es[r], ms[r], k)
+                          : prob_sums<acc_t>(zs[r], ps[r], es[r], ms[r], k);
+          continue;
+        }
+        const acc_t* z = as_acc<scalar_t, acc_t>(x + i * stride_xm, z_buf.get() + r * C, C);
+        if (softcap) {
+          soft_cap_row<acc_t>(z, z_buf.get() + r * C, t_buf.get() + r * C, k);
+          z = z_buf.get() + r * C;
+        }
+        acc_t* e = nullptr;  // exp(z - m), then the gradient, in acc_t
+        if (g_base != nullptr) {
+          if constexpr (kSameType) e = g_base + i * C; else e = e_buf.get() + r * C;
+        }
+        const acc_t* p =
+            index ? nullptr : as_acc<scalar_t, acc_t>(p_base + i * stride_pm, p_buf.get() + r * C, C);
+        zs[r] = z;
+        ps[r] = p;
+        es[r] = e;
+        ms[r] = row_max(z, C);
+        sums[r] = index ? index_sums<acc_t>(z, e, ms[r], k) : prob_sums<acc_t>(z, p, e, ms[r], k);
       }
-      acc_t* e = nullptr;  // exp(z - m), then the gradient, in acc_t
-      if (g_row != nullptr) {
-        if constexpr (kSameType) e = g_row; else e = e_buf.get();
-      }
-      const acc_t* p = index ? nullptr : as_acc<scalar_t, acc_t>(p_base + i * stride_pm, p_buf.get(), C);
-      const RowStats<acc_t> r = index ? index_row<acc_t>(z, e, y[i], w_y[i], k) : prob_row<acc_t>(z, p, e, k);
-      row_loss[i] = r.loss;
-      if (e == nullptr) continue;
-      const acc_t e_y = index ? e[y[i]] : acc_t(0);
-      grad_row<acc_t>(e, p, t_buf.get(), r, scale, k);
-      if (index) {  // the target class, in one expression: (softmax_y * sum_q - q_y) * scale, with
-        // q_y = (1 - eps) w_y + eps / C * w_y (w_y = w[y]), times softcap's chain factor
-        const acc_t q_y = (1 - k.eps) * w_y[i] + k.eps / C * w_y[i];
-        acc_t g_y = (e_y * r.inv_s * r.sum_q - q_y) * scale;
-        if (softcap) g_y *= (1 - t_buf[y[i]]) * (1 + t_buf[y[i]]);
-        e[y[i]] = g_y;
-      }
-      if constexpr (!kSameType) {
-        vec::convert(e, g_row, C);  // the float gradient, rounded once
+      for (int64_t r = 0; r < n; ++r) log_s[r] = std::log(sums[r].s);
+      for (int64_t r = 0; r < n; ++r) {  // the loss and the gradient of each row
+        const int64_t i = b + r;
+        scalar_t* g_row = g_base != nullptr ? g_base + i * C : nullptr;
+        if (index && y[i] == opt.ignore_index) {
+          row_loss[i] = 0;
+          if (g_row != nullptr) std::fill_n(g_row, C, scalar_t(0));
+          continue;
+        }
+        const RowStats<acc_t> st = index ? index_stats<acc_t>(ms[r], sums[r], log_s[r], zs[r][y[i]], w_y[i], k)
+                                         : prob_stats<acc_t>(ms[r], sums[r], log_s[r], k);
+        row_loss[i] = st.loss;
+        if (g_row == nullptr) continue;
+        acc_t* e = es[r];
+        const acc_t* t = softcap ? t_buf.get() + r * C : nullptr;
+        const acc_t e_y = index ? e[y[i]] : acc_t(0);
+        grad_row<acc_t>(e, ps[r], t, st, scale, k);
+        if (index) {  // the target class, in one expression: (softmax_y * sum_q - q_y) * scale, with
+          // q_y = (1 - eps) w_y + eps / C * w_y (w_y = w[y]), times softcap's chain factor
+          const acc_t q_y = (1 - k.eps) * w_y[i] + k.eps / C * w_y[i];
+          acc_t g_y = (e_y * st.inv_s * st.sum_q - q_y) * scale;
+          if (softcap) g_y *= (1 - t[y[i]]) * (1 + t[y[i]]);
+          e[y[i]] = g_y;
+        }
+        if constexpr (!kSameType) {
+          vec::convert(e, g_row, C);  // the float gradient, rounded once
+        }
       }
     }
   });
