@@ -187,6 +187,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(table)
     (args.out / f"table_{device_type}.txt").write_text(table + "\n")
     plots = report.save_plots(rows, args.out / f"plots_{device_type}")
+    if plots is None:
+        plots = []
+        print(
+            "\nplots: skipped, matplotlib is not installed (pip install 'fused_ops[plot]'; from a clone: "
+            "pip install -e '.[plot]')"
+        )
     print(f"\nCSV: {csv_path}\nplots: {', '.join(str(p) for p in plots) or 'none'}")
 
     if args.results is not None:

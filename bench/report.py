@@ -93,12 +93,16 @@ def write_csv(rows: list[Row], path: Path, append: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------
-def save_plots(rows: list[Row], directory: Path) -> list[Path]:
+def save_plots(rows: list[Row], directory: Path) -> list[Path] | None:
     """One PNG per (op, dtype): time and % of copy bandwidth against size, a line per provider and mode.
 
-    The makemore step gets a bar chart of time per provider and size. Returns the files written.
+    The makemore step gets a bar chart of time per provider and size. Returns the files written, or
+    None when matplotlib (the "plot" extra) is not installed.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -224,8 +224,9 @@ def _forced_native(op: str, tensors: tuple[torch.Tensor | None, ...], only_cpu: 
 def _forced_triton(op: str, tensors: tuple[torch.Tensor | None, ...], only_cuda: bool, only_cpu: bool) -> str:
     if not triton_available():
         raise BackendUnavailableError(
-            f"{op}: backend 'triton' was forced but triton is not installed; "
-            f"install it with `pip install fused_ops[triton]` or use backend 'torch'/'auto'"
+            f"{op}: backend 'triton' was forced but triton is not installed; install it with "
+            f"`pip install 'fused_ops[triton]'` (from a clone: `pip install -e '.[triton]'`) or use backend "
+            f"'torch'/'auto'"
         )
     if only_cuda:
         return "triton"

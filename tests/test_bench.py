@@ -5,6 +5,7 @@ operator-count methods, the timer, and that rewriting one device's section of RE
 """
 
 import csv
+import sys
 import time
 
 import pytest
@@ -255,3 +256,15 @@ def test_linear_cross_entropy_bench_smoke(tmp_path):
         assert float(r["tflops"]) == pytest.approx(6 * 64 * 16 * 100 / seconds / 1e12)
     assert float(rows["fused"]["peak_mib"]) > float(rows["fused"]["extra_mib"])  # less x.grad and W.grad
     assert "| fused |" in (tmp_path / "linear_cross_entropy_cpu.md").read_text()
+
+
+def test_quick_run_without_matplotlib_skips_the_plots(tmp_path, monkeypatch, capsys):
+    """A fresh `pip install -e .` has no matplotlib (the "plot" extra): `--quick` printed its table, then
+    died on `import matplotlib` with a traceback (found by a new user's trial). It now says how to get
+    the plots and exits 0."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    args = ["--device", "cpu", "--quick", "--op", "ce", "--mode", "fwd", "--dtype", "fp32"]
+    code = main([*args, "--provider", "fused", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    assert "plots: skipped, matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "results_cpu.csv").exists() and not (tmp_path / "plots_cpu").exists()

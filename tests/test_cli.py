@@ -107,3 +107,25 @@ def test_unusable_device_is_an_error_line(device, message):
     assert result.returncode == 1
     assert re.match(rf"error: --device {device}: .*({message})", result.stderr), result.stderr
     assert "Traceback" not in result.stderr and "makemore MLP" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "env, argv, message",
+    [
+        ({"FUSED_OPS_BACKEND": "gpu"}, [], r"error: FUSED_OPS_BACKEND: backend name must be one of"),
+        ({"FUSED_OPS_BACKEND": "triton", "TRITON_INTERPRET": "0"}, [], r"error: batch_norm: backend 'triton'"),
+        ({}, ["--device", "meta"], r"error: --device meta: the makemore job runs on cpu or cuda"),
+    ],
+    ids=["unknown_backend", "forced_triton_on_cpu", "meta_device"],
+)
+def test_backend_and_device_faults_are_error_lines(env, argv, message):
+    """Found by a new user's trial: these ended in raw tracebacks (the messages were right)."""
+    if env.get("FUSED_OPS_BACKEND") == "triton" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: triton can run")
+    result = subprocess.run(
+        [sys.executable, "-m", "fused_ops", "train", "--steps", "5", *argv],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fused_ops import convert
+from fused_ops import BackendUnavailableError, convert, use_backend
 from fused_ops.distributed import (
     DDPInfo,
     all_reduce_sum,
@@ -200,7 +200,10 @@ def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        sys.exit("error: --plot needs matplotlib, which is not installed: pip install 'fused_ops[plot]'")
+        sys.exit(
+            "error: --plot needs matplotlib, which is not installed: pip install 'fused_ops[plot]' (from a "
+            "clone: pip install -e '.[plot]')"
+        )
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
@@ -246,6 +249,8 @@ def _check_device(device: str) -> None:
         kind = torch.device(device).type
     except RuntimeError:
         sys.exit(f"error: --device {device}: not a torch device; use cpu or cuda (or cuda:N)")
+    if kind not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {device}: the makemore job runs on cpu or cuda (or cuda:N)")
     if kind == "cuda" and not torch.cuda.is_available():
         why = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but sees no GPU"
         sys.exit(f"error: --device {device}: torch {torch.__version__} is {why}; use --device cpu")
@@ -276,8 +281,15 @@ def main(args: argparse.Namespace) -> int:
             _check_output_path(option, path)
     if args.plot:
         _import_pyplot()  # fail before training, not after
+    backend = os.environ.get("FUSED_OPS_BACKEND")
+    if backend is not None:  # checked before anything is built
+        try:
+            with use_backend(backend):
+                pass
+        except ValueError as error:
+            sys.exit(f"error: FUSED_OPS_BACKEND: {error}")
     if not args.ddp:
-        return run(args, ddp=None)
+        return _run_or_exit(args, ddp=None)
     if not args.fused and args.device == "cpu":
         sys.exit("error: --ddp --no-fused uses torch.nn.SyncBatchNorm, which runs on GPUs only")
     try:
@@ -285,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as error:
         sys.exit(f"error: --ddp: {error}")
     try:
-        status = run(args, ddp)
+        status = _run_or_exit(args, ddp)
         # Leave together: the other ranks return while rank 0 still evaluates and samples, and a rank that
         # tore down its gloo group then sometimes aborted ("terminate called without an active
         # exception", exit -6; seen under load). A rank that raised skips this, and its peers fail fast.
@@ -293,6 +305,15 @@ def main(args: argparse.Namespace) -> int:
         return status
     finally:
         cleanup_ddp()
+
+
+def _run_or_exit(args: argparse.Namespace, ddp: DDPInfo | None) -> int:
+    """`run`, with a backend that cannot run these tensors (a forced FUSED_OPS_BACKEND=triton on CPU, say)
+    reported as an `error:` line; it raises at the first step, before any training."""
+    try:
+        return run(args, ddp)
+    except BackendUnavailableError as error:
+        sys.exit(f"error: {error}")
 
 
 def run(args: argparse.Namespace, ddp: DDPInfo | None) -> int:
