@@ -60,3 +60,13 @@ def torch_batch_norm():
         return module
 
     return make
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """Thread counts 1 and 2 for the native kernels' tests: at::parallel_for splits their rows, blocks
+    and channels between the threads, and the results must not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -27,15 +27,6 @@ def native_backend():
         yield
 
 
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    """Thread counts 1 and 2: at::parallel_for splits the blocks, channels and rows between them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def ops():
     from fused_ops.kernels.cpu import batch_norm as kernels
 
