@@ -3,9 +3,11 @@
 # fused_ops/cross_entropy.py, batch_norm.py, convert.py and fused_ops/distributed/*, and runs, for each
 # mutant, the tests that cover the mutated function, from the fast test files listed under
 # [tool.mutmut] in pyproject.toml. Results: `mutmut results` (survivors), `mutmut show NAME` (a diff).
-# CPU-heavy: it runs at low priority; 2783 mutants, about 600 in 25 minutes on 2 shared cores. Mutants
-# in code that only the multi-process tests run (gloo workers in subprocesses) show as "no tests":
-# mutmut attributes tests in-process only.
+# CPU-heavy: it runs at low priority; about 4,900 mutants, ~3 a minute on one of 2 shared cores, so a
+# whole pass takes a day: name mutants (or a pattern) to run part of it. Mutants in code that only the
+# multi-process tests run (gloo workers in subprocesses) show as "no tests": mutmut attributes tests
+# in-process only; run those with MUTANT_UNDER_TEST=<name> and tests/test_distributed.py from mutants/
+# (the workers inherit the variable).
 #
 #   bash tests/mutation.sh            # all mutants
 #   bash tests/mutation.sh 'fused_ops.convert*'   # only those whose names match
