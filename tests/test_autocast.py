@@ -216,6 +216,7 @@ def test_mlp_under_autocast_like_torch_modules(device):
         assert_within_torch_error(grad, ref_grad, param.grad, atol=1e-4)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_mlp_under_autocast_matches_eager(device):
     """torch.compile (fullgraph) traces the autocast-dependent loss dtype: same results as eager."""
