@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_ops
 from fused_ops.backend import use_backend
+from fused_ops.batch_norm import forward_torch
 
 # Shapes: (32, 27) makemore's batch with an odd C; (2, 5) the smallest trainable batch; (5, 3, 7) an
 # (N, C, L) input reduced over N and L; (1, 4, 3) a 3-D input with N = 1 (still 3 values per channel).
@@ -173,6 +174,15 @@ def test_empty_input_matches_torch(shape, training):
     m, m_ref = fused_ops.BatchNorm1d(4), nn.BatchNorm1d(4)
     m(torch.randn(shape)), m_ref(torch.randn(shape))
     assert_same(m.state_dict(), m_ref.state_dict())
+
+
+def test_empty_batch_stays_on_the_input_device():
+    """An empty batch's output and statistics are made on input's device, not the default one: on CPU
+    only another device shows it (found by the mutation pass, issue 11; meta here, CUDA in use)."""
+    x = torch.empty(0, 3, device="meta")
+    options = {"momentum": 0.1, "eps": 1e-5, "training": True, "unbiased": False, "activation": None}
+    y, mean, invstd = forward_torch(x, None, None, None, None, None, **options)
+    assert [t.device.type for t in (y, mean, invstd)] == ["meta"] * 3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,6 +377,16 @@ def test_activation_matches_unfused(activation, torch_fn, shape, training):
     torch.testing.assert_close(y, y_ref, **F32)
     assert_same(grads(ours), grads(ref), **F32)
     torch.testing.assert_close(ours["running_var"], ref["running_var"], **F32)
+
+
+def test_module_runs_on_the_chosen_backend(backend):
+    """The module dispatches as the functional does: a module that skipped the backend choice ran the
+    PyTorch path under use_backend("native"), with the same numbers (mutation pass, issue 11). The
+    native op records its C++ autograd node, the PyTorch path BatchNormFunction's."""
+    x = torch.randn(4, 3, requires_grad=True)
+    functional = fused_ops.batch_norm(x, None, None, training=True).grad_fn.name()
+    assert fused_ops.BatchNorm1d(3)(x).grad_fn.name() == functional
+    assert (functional == "BatchNormFunctionBackward") == (backend == "torch")
 
 
 def test_activation_module():

@@ -170,6 +170,8 @@ def test_convert_cnn_fuses_and_reports(caplog):
     assert text.splitlines()[1].split() == [
         "1", "nn.BatchNorm2d(8)", "->", "fused_ops.BatchNorm2d(8,", "activation='relu')", "[fused", "2]"
     ]
+    # no activation fused: nothing after the new module
+    assert text.splitlines()[3].split() == ["8", "nn.BatchNorm2d(4)", "->", "fused_ops.BatchNorm2d(4)"]
     assert text in caplog.text
     x = torch.randn(4, 3, 6, 5).contiguous(memory_format=torch.channels_last)
     for _ in range(2):

@@ -199,6 +199,17 @@ def test_negative_infinite_logits_like_torch(smoothing):
     torch.testing.assert_close(ours_grad, ref_grad, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_reference_returns_the_logits_dtype(dtype, kind):
+    """The reference's statistics are float32, its loss and gradient the logits' dtype, as documented: a
+    float32 gradient would double what the PyTorch path stores for backward (mutation pass, issue 11)."""
+    x = torch.randn(4, 5).to(dtype)
+    target = torch.tensor([0, 1, 4, 2]) if kind == "index" else torch.softmax(torch.randn(4, 5), 1).to(dtype)
+    loss, grad = cross_entropy_reference(x, target, None, -100, "mean", 0.0, need_grad=True)
+    assert (loss.dtype, grad.dtype) == (dtype, dtype)
+
+
 def test_out_of_range_target_is_nan_on_the_no_sync_path():
     """What CUDA gets without validate=True: the row is nan, nothing reads out of bounds."""
     x = torch.randn(4, 5)
@@ -231,6 +242,18 @@ def _bad_cases():
         (
             "prob target dtype",
             {"input": x, "target": torch.rand(4, 5, dtype=torch.float64)},
+            TypeError,
+            "target",
+        ),
+        (  # not the index shape either: the shape error, not the dtype one (issue 11's mutation pass)
+            "prob target shape",
+            {"input": x, "target": torch.rand(4, 3)},
+            ValueError,
+            "must have the input's shape",
+        ),
+        (  # float64 input is never autocast's: no float32 copies that would hide the mismatch (issue 11)
+            "prob target dtype, float64 input",
+            {"input": x.double(), "target": torch.rand(4, 5)},
             TypeError,
             "target",
         ),

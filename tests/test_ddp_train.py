@@ -20,6 +20,7 @@ import pytest
 
 import fused_ops
 from fused_ops.__main__ import main
+from fused_ops.distributed import setup_ddp
 
 # Two progress windows (LOG_EVERY = 200: the losses are summed over the ranks one window at a time), and
 # the learning-rate drop at step 188.
@@ -91,6 +92,17 @@ def test_ddp_outside_torchrun_is_a_clear_error(monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"RANK.*torchrun --nproc_per_node 2 -m fused_ops train --ddp"):
         main(["train", "--ddp", "--steps", "5", "--device", "cpu"])
     assert "makemore MLP" not in capsys.readouterr().out
+
+
+def test_setup_ddp_names_the_one_missing_variable(monkeypatch):
+    """Each of torchrun's variables is looked up by its name: with RANK and LOCAL_RANK set, the error
+    names WORLD_SIZE alone (the mutation pass, issue 11, found a misspelt name unnoticed: the test
+    above deletes all three, so RANK alone kept the error coming)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match=r"\['WORLD_SIZE'\] are not set"):
+        setup_ddp("cpu")
 
 
 def test_ddp_with_torch_modules_on_cpu_is_a_clear_error():

@@ -10,6 +10,7 @@ read from .grad after .backward().
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 import fused_ops
 from bench.profiling import observe
-from fused_ops.backend import triton_interpreter_enabled
+from fused_ops.backend import native_available, triton_interpreter_enabled
 from fused_ops.linear_cross_entropy import CHUNK_BYTES, default_chunk_size
 
 # V = 29: odd, so no chunk or block divides it. H = 6. Rows: 13 (prime: chunk sizes 4 and 5 leave a
@@ -296,6 +297,37 @@ def test_autocast_matches_eager_autocast():
         assert err <= 2 * torch_err + 1e-3, (err, torch_err)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_probabilities(dtype, backend):
+    """Half input with probabilities in its dtype: on CPU each chunk's probabilities follow its logits to
+    float32, as the native kernels require (the PyTorch path promotes them either way; found by the
+    mutation pass, issue 11: the other tests run the PyTorch path)."""
+    if backend == "native" and not native_available():
+        pytest.skip("the native kernels cannot be built here")
+    x64, w64, b64 = (t.detach() for t in make_inputs(batch=(16,), hidden=8, vocab=37))
+    p64 = make_target((16,), "prob", vocab=37)
+    x, w, b, p = (t.to(dtype) for t in (x64, w64, b64, p64))
+    with fused_ops.use_backend(backend):
+        ours = fused_ops.linear_cross_entropy(x, w, p, linear_bias=b)
+    expected, theirs = eager(x64, w64, p64, b64), eager(x, w, p, b)
+    assert ours.dtype == dtype
+    assert (ours.double() - expected).abs() <= 2 * (theirs.double() - expected).abs() + 1e-2
+
+
+def test_autocast_rounds_the_operands_to_its_dtype():
+    """Under CPU autocast the matmuls take bfloat16 operands, as torch's do: the loss is float64 math on
+    the rounded operands, to float32's precision. Ignoring CPU autocast computes in float32, more
+    accurate than torch, which the error bound above cannot see (mutation pass, issue 11)."""
+    x, w, b = torch.randn(32, 16), torch.randn(101, 16), torch.randn(101)
+    target = make_target((32,), "int64", vocab=101)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fused_ops.linear_cross_entropy(x, w, target, linear_bias=b)
+    rounded = [t.bfloat16().double() for t in (x, w, b)]  # rounding these moves the loss by ~3e-3
+    expected = F.cross_entropy(F.linear(rounded[0], rounded[1], rounded[2]), target)
+    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("grads_by", ["backward", "autograd.grad"])
@@ -340,6 +372,7 @@ def test_default_chunk_size_depends_on_vocabulary_not_rows():
     assert default_chunk_size(100, 32000, torch.float32, cpu) == 100  # never more than the rows
     assert default_chunk_size(8192, 10**7, torch.float32, cpu) == 64  # at least 64 rows
     assert default_chunk_size(10**6, 128256, torch.bfloat16, torch.device("cuda")) == 2048
+    assert default_chunk_size(10**6, 128256, torch.bfloat16, torch.device("meta")) == 2048  # else cuda's
     assert CHUNK_BYTES["cpu"] < CHUNK_BYTES["cuda"]
 
 
@@ -467,6 +500,21 @@ def test_module_options_and_repr():
         fused_ops.LinearCrossEntropyLoss(HIDDEN, VOCAB, out_features=(4,))
     with pytest.raises(ValueError, match="LinearCrossEntropyLoss: z_loss"):
         fused_ops.LinearCrossEntropyLoss(HIDDEN, VOCAB, z_loss=-1.0)
+
+
+def test_module_passes_every_option_to_the_functional(monkeypatch):
+    """The module is the functional with its options: a forward that dropped one (chunk_size, whose
+    result differs only in rounding) went unnoticed by the numerical tests (mutation pass, issue 11)."""
+    op_module = sys.modules["fused_ops.linear_cross_entropy"]  # fused_ops.linear_cross_entropy: the function
+    calls = []
+    monkeypatch.setattr(op_module, "linear_cross_entropy", lambda *args, **kwargs: calls.append(kwargs))
+    options = {"reduction": "sum", "ignore_index": 3, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 30.0}
+    options |= {"chunk_size": 8, "validate": True}
+    loss = fused_ops.LinearCrossEntropyLoss(HIDDEN, VOCAB, weight=torch.rand(VOCAB), **options)
+    loss(torch.randn(2, HIDDEN), torch.tensor([0, 1]))
+    (kwargs,) = calls
+    assert kwargs.pop("weight") is loss.weight
+    assert kwargs == {"linear_bias": None, "process_group": None, **options}
 
 
 @needs_torch_linear_ce
