@@ -24,7 +24,10 @@ from bench.ops import Timed
 # samples keep the median robust on a shared machine: a preempted sample is an outlier, not the norm.
 CPU_MIN_SAMPLE_S = 5e-4
 # A first CPU call longer than this is taken as the estimate: a second one would not change the plan.
-CPU_WARM_ONLY_S = 0.05
+# Shorter ones are timed again: a first call can carry one-time costs far above its own (the native
+# kernels' library loads in ~0.2 s), and an estimate that includes them would time a 25 us call one
+# call per sample, where timer noise makes the distribution bimodal.
+CPU_WARM_ONLY_S = 1.0
 # Longest a CPU measurement keeps sampling once it has 3 samples; the large shapes take ~1 s a call.
 CPU_MAX_MEASURE_S = 3.0
 # The GPU timed window is about `reps` calls, clamped to these bounds in milliseconds.

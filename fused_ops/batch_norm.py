@@ -56,8 +56,8 @@ _SAVES_OUTPUT = ("relu", "tanh")
 def _check_channel_tensor(
     name: str, t: object, input: torch.Tensor, allowed: tuple[torch.dtype, ...], op: str
 ) -> None:
-    """A (C,) float tensor on input's device, of a dtype in `allowed` (input's, and float32 beside
-    fp16/bf16 input)."""
+    """A (C,) float tensor of a dtype in `allowed` (input's, and float32 beside fp16/bf16 input); its
+    device is `_check_args`'s to check."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     num_features = input.shape[1]
@@ -69,8 +69,6 @@ def _check_channel_tensor(
     if t.dtype not in allowed:
         names = " or ".join(str(d) for d in allowed)
         raise TypeError(f"{op}: {name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
-    if not (t.is_cpu and input.is_cpu) and t.device != input.device:  # is_cpu: no device objects to build
-        raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
 
 
 def _check_residual(residual: object, input: torch.Tensor, op: str) -> None:
@@ -108,6 +106,7 @@ def _check_args(
     whole_batch: bool = True,
     num_features: int | None = None,
     input_ndims: tuple[int, ...] | None = None,
+    tensors: bool = True,
 ) -> None:
     """Raise a clear error naming the bad argument; checks shapes, dtypes and devices, never values.
 
@@ -117,6 +116,10 @@ def _check_args(
     judged from it (the group's count is a device tensor, and SyncBatchNorm leaves the running stats
     untouched when it is below 2, without a host sync). num_features: a module's feature count, which
     input's dim 1 must match. input_ndims: the dims a module takes (BatchNorm2d: (4,)), None for any >= 2.
+    tensors=False leaves out the shapes and dtypes of weight, bias and the running stats
+    (`_check_channel_tensors`), which `_batch_norm` checks: the native op checks them itself, before it
+    changes anything, and the Python check then words its error (tests/test_batch_norm.py runs every bad
+    input on both backends).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a torch.Tensor, got {type(input).__name__}")
@@ -145,15 +148,21 @@ def _check_args(
         raise ValueError(
             f"{op}: running_mean and running_var are required in eval mode (training=False)"
         )
-    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
+    cpu = input.is_cpu
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
     ):
-        if t is not None:
-            _check_channel_tensor(name, t, input, allowed, op)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not (cpu and t.is_cpu) and t.device != input.device:  # is_cpu: no device objects to build
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    if tensors:
+        _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
     if residual is not None:
         _check_residual(residual, input, op)
     if isinstance(momentum, torch.Tensor):
@@ -180,6 +189,26 @@ def _check_args(
             f"{op}: expected more than 1 value per channel when training, "
             f"got input size {tuple(input.shape)}"
         )
+
+
+def _check_channel_tensors(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    op: str = "batch_norm",
+) -> None:
+    """The shapes and dtypes of `_check_args`'s (C,) tensors."""
+    allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None:
+            _check_channel_tensor(name, t, input, allowed, op)
 
 
 _MODULE_FOR_NDIM = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
@@ -698,25 +727,60 @@ def _batch_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
-    momentum: float | torch.Tensor,
+    momentum: float | torch.Tensor | None,
     eps: float,
     unbiased: bool,
     activation: str | None,
     residual: torch.Tensor | None,
     backend: str,
+    num_batches_tracked: torch.Tensor | None = None,
+    op: str = "batch_norm",
 ) -> torch.Tensor:
-    """`batch_norm` after `_check_args` and the backend choice (`_select_backend`): flattens the input
-    and runs the native op (its autograd in C++), or applies the Function, or, when no gradient is
-    needed, runs the forward alone (the same output and running-stat update, without the cost of
-    recording an autograd node)."""
+    """`batch_norm` after `_check_args(..., tensors=False)` and the backend choice (`_select_backend`):
+    checks the (C,) tensors, flattens the input and runs the native op (its autograd in C++), or applies
+    the Function, or, when no gradient is needed, runs the forward alone (the same output and running-stat
+    update, without the cost of recording an autograd node).
+
+    num_batches_tracked: a module's counter, to add 1 to (the native op does it, after its own checks);
+    momentum None then means the cumulative average, 1 / num_batches_tracked once counted. op: the
+    caller's name, for the messages.
+    """
     layout = _layout(input)
     x = _flatten(input, layout)
     residual_flat = None if residual is None else _flatten(residual, layout)
     if backend == "native":
-        y = _native_batch_norm(
-            x, weight, bias, running_mean, running_var, residual_flat, training, momentum, eps, unbiased, activation
-        )
-    elif torch.is_grad_enabled() and (
+        try:
+            y = _native_batch_norm(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                residual_flat,
+                training,
+                momentum,
+                eps,
+                unbiased,
+                activation,
+            )
+        except (TypeError, ValueError):
+            # The op checked the (C,) tensors before changing anything; when one of them is the fault,
+            # it is raised in the words of the other backends, with the caller's name.
+            try:
+                _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
+            except (TypeError, ValueError) as error:
+                raise error from None
+            raise
+        return _unflatten(y, layout)
+    _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
+            momentum = num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
+    if momentum is None:  # no running stats to update
+        momentum = 0.0
+    if torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
@@ -761,9 +825,10 @@ def _native_batch_norm(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
     residual: torch.Tensor | None,
     training: bool,
-    momentum: float | torch.Tensor,
+    momentum: float | torch.Tensor | None,
     eps: float,
     unbiased: bool,
     activation: str | None,
@@ -773,15 +838,14 @@ def _native_batch_norm(
     (momentum 0.1, eps 1e-5, biased): the boxed call converts each one it gets."""
     kernels = _native_kernels()
     code = kernels.ACTIVATIONS[activation]
+    head = (x, weight, bias, running_mean, running_var, num_batches_tracked, residual, training, code)
     if isinstance(momentum, torch.Tensor):
-        args = (training, code, 0.0, momentum, float(eps), unbiased)
-    elif unbiased or eps != 1e-5:
-        args = (training, code, float(momentum), None, float(eps), unbiased)
-    elif momentum != 0.1:
-        args = (training, code, float(momentum))
-    else:
-        args = (training, code)
-    return kernels.batch_norm(x, weight, bias, running_mean, running_var, residual, *args)
+        return kernels.batch_norm(*head, 0.0, momentum, float(eps), unbiased)
+    if unbiased or eps != 1e-5:
+        return kernels.batch_norm(*head, momentum if momentum is None else float(momentum), None, float(eps), unbiased)
+    if momentum != 0.1:
+        return kernels.batch_norm(*head, momentum if momentum is None else float(momentum))
+    return kernels.batch_norm(*head)
 
 
 def batch_norm(
@@ -828,7 +892,7 @@ def batch_norm(
     lists): bf16 in, bf16 out, float32 statistics.
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps, unbiased, activation)
-    _check_args(*args, residual)
+    _check_args(*args, residual, tensors=False)
     backend = _select_backend(input)  # every tensor is on input's device (checked)
     return _batch_norm(*args, residual, backend)
 
@@ -839,6 +903,29 @@ def batch_norm(
 # torch >= 2.12 takes BatchNorm(..., bias=False): an affine weight without a bias. Before that, the
 # modules here emulate it with torch's own mechanics (bias registered as None).
 _TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
+
+
+_OWN_TENSORS = (
+    ("_parameters", "weight"),
+    ("_parameters", "bias"),
+    ("_buffers", "running_mean"),
+    ("_buffers", "running_var"),
+    ("_buffers", "num_batches_tracked"),
+)
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor | None]:
+    """[weight, bias, running_mean, running_var, num_batches_tracked] of a BatchNorm module.
+
+    Read from its parameter and buffer dicts, which is where `module.weight` finds them: an attribute
+    read first fails the regular lookup (building an AttributeError) and then calls nn.Module.__getattr__,
+    ~0.7 us apiece, a tenth of a makemore-sized call. A name not in its dict (a parametrization replaces
+    it with a property) is read as an attribute."""
+    found = []
+    for where, name in _OWN_TENSORS:
+        tensors = module.__dict__[where]
+        found.append(tensors[name] if name in tensors else getattr(module, name))
+    return found
 
 
 class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -889,16 +976,15 @@ class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(BatchNorm(input) + residual); residual None or a tensor of input's shape and dtype."""
-        # Each parameter and buffer is read once: a module attribute that is not in __dict__ costs ~0.7 us
-        # (nn.Module.__getattr__), a tenth of a makemore-sized call.
-        running_mean, running_var = self.running_mean, self.running_var
-        weight, bias = self.weight, self.bias
+        weight, bias, running_mean, running_var, num_batches_tracked = _own_tensors(self)
         # Same rules as torch's _BatchNorm.forward: batch statistics in training, or in eval when no
-        # running stats are kept; running stats updated only in training with track_running_stats.
+        # running stats are kept; running stats updated (and batches counted) only in training with
+        # track_running_stats.
         training = self.training or (running_mean is None and running_var is None)
+        counting = self.training and self.track_running_stats
         if self.training and not self.track_running_stats:
             running_mean = running_var = None
-        momentum = 0.0 if self.momentum is None else self.momentum
+        op = type(self).__name__
         _check_args(
             input,
             running_mean,
@@ -906,22 +992,17 @@ class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
             weight,
             bias,
             training,
-            momentum,
+            0.0 if self.momentum is None else self.momentum,
             self.eps,
             self.unbiased,
             self.activation,
             residual,
-            op=type(self).__name__,
+            op=op,
             num_features=self.num_features,
             input_ndims=self._input_ndims,
+            tensors=False,
         )
         backend = _select_backend(input)  # every tensor is on input's device (checked)
-        if self.training and self.track_running_stats:
-            num_batches_tracked = self.num_batches_tracked
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if self.momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
-                    momentum = num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
         return _batch_norm(
             input,
             running_mean,
@@ -929,12 +1010,14 @@ class _FusedBatchNorm(nn.modules.batchnorm._BatchNorm):
             weight,
             bias,
             training,
-            momentum,
+            self.momentum,
             self.eps,
             self.unbiased,
             self.activation,
             residual,
             backend,
+            num_batches_tracked if counting else None,
+            op,
         )
 
     def extra_repr(self) -> str:

@@ -535,6 +535,28 @@ def test_module_bad_input_keeps_state(bad_input, exc, match):
     assert m.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda m: m.double(), TypeError, "BatchNorm1d: running_mean must have dtype torch.float32"),
+        (lambda m: setattr(m, "weight", nn.Parameter(torch.ones(3))), ValueError, r"BatchNorm1d: weight must have shape \(4,\)"),
+        (lambda m: setattr(m, "bias", nn.Parameter(torch.zeros(4, dtype=torch.float16))), TypeError, "BatchNorm1d: bias must have dtype"),
+    ],
+    ids=["float64 module", "weight shape", "bias dtype"],
+)
+def test_module_bad_parameters_keep_state(change, exc, match):
+    """The (C,) tensors are checked by the native op itself (before it counts the batch): its error comes
+    out in the Python checker's words, with the module's name and no second traceback."""
+    m = fused_ops.BatchNorm1d(4, momentum=None, activation="tanh")
+    change(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(exc, match=match) as raised:
+        m(torch.randn(8, 4))
+    assert raised.value.__suppress_context__ or raised.value.__context__ is None
+    assert_same(m.state_dict(), before)
+    assert m.num_batches_tracked.item() == 0
+
+
 def test_module_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         fused_ops.BatchNorm1d(4, activation="sigmoid")

@@ -90,24 +90,28 @@ def _opcheck_cases():
     half = make_case((6, 3), dtype=torch.bfloat16)
     w32, b32 = half["weight"].float(), half["bias"].float()
     grad = {"requires_grad": True}
+    counter = torch.tensor(7)
     return {
-        "rows, train, tanh, residual": (
+        "rows, train, tanh, residual, counted": (
             rows["x"].requires_grad_(), rows["weight"].requires_grad_(), rows["bias"], rows["running_mean"],
-            rows["running_var"], rows["residual"].requires_grad_(), True, 2,
+            rows["running_var"], counter, rows["residual"].requires_grad_(), True, 2,
         ),
         "planes, eval, relu, fp64": (
             planes["x"].requires_grad_(), planes["weight"], planes["bias"], planes["running_mean"],
-            planes["running_var"], None, False, 1,
+            planes["running_var"], None, None, False, 1,
         ),
         "planes, unbiased, no stats, silu": (
-            torch.randn(2, 3, 5, **grad), None, None, None, None, None, True, 3, 0.1, None, 1e-3, True,
+            torch.randn(2, 3, 5, **grad), None, None, None, None, None, None, True, 3, 0.1, None, 1e-3, True,
         ),
         "bf16 with fp32 params, momentum tensor": (
-            half["x"].requires_grad_(), w32.requires_grad_(), b32, torch.zeros(3), torch.ones(3), None, True,
+            half["x"].requires_grad_(), w32.requires_grad_(), b32, torch.zeros(3), torch.ones(3), None, None, True,
             0, 0.0, torch.tensor(0.25),
         ),
+        "cumulative average (momentum None), counted": (
+            half["x"].requires_grad_(), w32, b32, torch.zeros(3), torch.ones(3), counter, None, True, 0, None,
+        ),
         "fp16 rows, silu, residual": (
-            torch.randn(5, 4, dtype=torch.float16, **grad), None, None, None, None,
+            torch.randn(5, 4, dtype=torch.float16, **grad), None, None, None, None, None,
             torch.randn(5, 4, dtype=torch.float16, **grad), True, 3,
         ),
     }  # fmt: skip
@@ -127,7 +131,7 @@ def test_forward_ops_pass_opcheck(name, case):
 def test_backward_op_passes_opcheck(activation, training, shape):
     case = make_case(shape, residual=True)
     x, w, b, r = case["x"], case["weight"], case["bias"], case["residual"]
-    y, mean, invstd = ops().batch_norm_fwd(x, w, b, case["running_mean"], case["running_var"], r, training,
+    y, mean, invstd = ops().batch_norm_fwd(x, w, b, case["running_mean"], case["running_var"], None, r, training,
                                            activation)  # fmt: skip
     for input_grad, residual_grad in ((True, True), (False, False)):
         args = (case["dy"], x, y, r, w, b, mean, invstd, training, False, activation, input_grad, residual_grad)
@@ -156,16 +160,36 @@ def test_ops_check_their_arguments():
         with pytest.raises(exc, match=match):
             ops().batch_norm(**args)
         assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)), match
-    _, mean, invstd = ops().batch_norm_fwd(x, None, None, rm, rv, None, True, 2)
+    _, mean, invstd = ops().batch_norm_fwd(x, None, None, rm, rv, None, None, True, 2)
     with pytest.raises(ValueError, match="needs the forward's output"):
         ops().batch_norm_bwd(x, x, None, None, None, None, mean, invstd, True, False, 2, True, False)
+
+
+def test_op_counts_batches_and_takes_the_cumulative_average():
+    """num_batches_tracked: +1 per training call once the arguments pass (a version bump, as add_), and
+    momentum None is then 1 / the new count, as torch's modules; a wrong counter changes nothing."""
+    x, rm, rv, counter = torch.randn(10, 3), torch.randn(3), torch.rand(3) + 0.5, torch.tensor(3)
+    before = rm.clone(), rv.clone()
+    version = counter._version
+    ops().batch_norm(x, None, None, rm, rv, counter, None, True, 0, None)
+    assert counter.item() == 4 and counter._version == version + 1
+    torch.testing.assert_close(rm, 0.75 * before[0] + 0.25 * x.mean(0))
+    torch.testing.assert_close(rv, 0.75 * before[1] + 0.25 * x.var(0, unbiased=True))
+    ops().batch_norm(x, None, None, rm, rv, counter, None, False, 0, None)  # counted whenever given (the
+    # modules give it in training only)
+    assert counter.item() == 5
+    for bad in (torch.tensor(3.0), torch.tensor([3])):
+        after = rm.clone(), rv.clone(), bad.clone()
+        with pytest.raises(TypeError, match="num_batches_tracked must be a 0-dim int64"):
+            ops().batch_norm(x, None, None, rm, rv, bad, None, True, 0, None)
+        assert torch.equal(rm, after[0]) and torch.equal(rv, after[1]) and torch.equal(bad, after[2])
 
 
 def test_fwd_op_returns_the_statistics_and_updates_the_running_stats():
     case = make_case((10, 3, 4))
     x, rm, rv = case["x"], case["running_mean"].clone(), case["running_var"].clone()
     versions = rm._version, rv._version
-    y, mean, invstd = ops().batch_norm_fwd(x, None, None, rm, rv, None, True, 0, 0.3)
+    y, mean, invstd = ops().batch_norm_fwd(x, None, None, rm, rv, None, None, True, 0, 0.3)
     torch.testing.assert_close(mean, x.mean((0, 2)))
     torch.testing.assert_close(invstd, (x.var((0, 2), unbiased=False) + 1e-5).rsqrt())
     torch.testing.assert_close(rm, 0.7 * case["running_mean"] + 0.3 * x.mean((0, 2)))

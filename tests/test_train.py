@@ -43,6 +43,17 @@ def test_learning_rate_drops_at_decay_step(data):
     assert not torch.equal(dropped[decay + 1 :], constant[decay + 1 :])
 
 
+def test_a_given_optimizer_is_the_one_stepped(data):
+    """main builds the optimizer before its clock starts: train_model must step that one, with the same
+    losses as its own, and drop its learning rate at the decay step."""
+    config = TrainConfig(steps=40, fused=False)
+    model = build_model(config, len(data.vocab), data.block_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    losses = train_model(model, data.train, config, progress=False, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == config.final_lr
+    assert torch.equal(losses, run(data, steps=40)[1])
+
+
 def test_same_seed_same_run_other_seed_other_run(data):
     _, a = run(data, seed=5)
     _, b = run(data, seed=5)

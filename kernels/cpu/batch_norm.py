@@ -8,10 +8,12 @@ x is the input as fused_ops/batch_norm.py's `_flatten` leaves it: (M, C) rows, c
 (N, C, L); residual like x; weight, bias, running_mean, running_var (C,) or None. activation is a code
 (ACTIVATIONS). Statistics are float32, float64 for float64 input.
 
-    batch_norm(x, weight, bias, running_mean, running_var, residual, training, activation, momentum,
-               momentum_tensor, eps, unbiased) -> y
+    batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked, residual, training,
+               activation, momentum, momentum_tensor, eps, unbiased) -> y
         differentiable (its autograd is registered in C++); updates the running stats in place in
-        training; momentum_tensor (a 0-dim tensor), when given, replaces momentum.
+        training; momentum_tensor (a 0-dim tensor), when given, replaces momentum. num_batches_tracked
+        (a module's int64 counter), when given, is incremented once the arguments are checked, and
+        momentum None is then the cumulative average 1 / num_batches_tracked (0 without a counter).
     batch_norm_fwd(same arguments) -> (y, mean, invstd)
         the statistics too (in eval: running_mean and rsqrt(running_var + eps)); not differentiable.
     batch_norm_bwd(grad_output, x, output, residual, weight, bias, mean, invstd, training, unbiased,
@@ -35,27 +37,21 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _forward_fake(input, weight, bias, running_mean, running_var, residual, training, activation, momentum,
-                  momentum_tensor, eps, unbiased):  # fmt: skip
-    channels = input.new_empty((input.shape[1],), dtype=_stat_dtype(input))
-    return input.new_empty(input.shape), channels, torch.empty_like(channels)
-
-
 @torch.library.register_fake("fused_ops::batch_norm")
 def _batch_norm_fake(
-    input, weight=None, bias=None, running_mean=None, running_var=None, residual=None, training=False,
-    activation=0, momentum=0.1, momentum_tensor=None, eps=1e-5, unbiased=False,
+    input, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None,
+    residual=None, training=False, activation=0, momentum=0.1, momentum_tensor=None, eps=1e-5, unbiased=False,
 ):  # fmt: skip
     return input.new_empty(input.shape)
 
 
 @torch.library.register_fake("fused_ops::batch_norm_fwd")
 def _batch_norm_fwd_fake(
-    input, weight=None, bias=None, running_mean=None, running_var=None, residual=None, training=False,
-    activation=0, momentum=0.1, momentum_tensor=None, eps=1e-5, unbiased=False,
+    input, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None,
+    residual=None, training=False, activation=0, momentum=0.1, momentum_tensor=None, eps=1e-5, unbiased=False,
 ):  # fmt: skip
-    return _forward_fake(input, weight, bias, running_mean, running_var, residual, training, activation,
-                         momentum, momentum_tensor, eps, unbiased)  # fmt: skip
+    channels = input.new_empty((input.shape[1],), dtype=_stat_dtype(input))
+    return input.new_empty(input.shape), channels, torch.empty_like(channels)
 
 
 @torch.library.register_fake("fused_ops::batch_norm_bwd")
@@ -101,6 +97,7 @@ def batch_norm_forward(
         bias,
         running_mean,
         running_var,
+        None,
         residual,
         training,
         ACTIVATIONS[activation],
