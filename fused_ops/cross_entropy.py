@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_ops.backend import BackendUnavailableError, requested_backend, select
+from fused_ops.backend import BackendUnavailableError, native_available, requested_backend, select
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
@@ -483,29 +483,37 @@ def _native_loss(
 ) -> torch.Tensor:
     """fused_ops::cross_entropy, the native op. The call passes only the arguments that differ from
     the op's defaults: the boxed call converts each one it gets (~0.4 us apiece, a tenth of a
-    makemore-sized call)."""
+    makemore-sized call). The op checks the tensors before it computes anything; a fault among them
+    is raised in `_check_tensors`' words (the other backends')."""
     kernels = _native_kernels()
-    if (
-        weight is None
-        and ignore_index == -100
-        and reduction == "mean"
-        and not label_smoothing
-        and not z_loss
-        and softcap is None
-        and loss_dtype is None
-    ):
-        return kernels.cross_entropy(input, target)
-    return kernels.cross_entropy(
-        input,
-        target,
-        weight,
-        ignore_index,
-        kernels.REDUCTIONS[reduction],
-        float(label_smoothing),
-        float(z_loss),
-        None if softcap is None else float(softcap),
-        loss_dtype,
-    )
+    try:
+        if (
+            weight is None
+            and ignore_index == -100
+            and reduction == "mean"
+            and not label_smoothing
+            and not z_loss
+            and softcap is None
+            and loss_dtype is None
+        ):
+            return kernels.cross_entropy(input, target)
+        return kernels.cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            kernels.REDUCTIONS[reduction],
+            float(label_smoothing),
+            float(z_loss),
+            None if softcap is None else float(softcap),
+            loss_dtype,
+        )
+    except (TypeError, ValueError):
+        try:
+            _check_tensors(input, target, weight, ignore_index, "cross_entropy", "input", False)
+        except (TypeError, ValueError) as error:
+            raise error from None
+        raise
 
 
 def _forward(
@@ -788,6 +796,22 @@ def cross_entropy(
     targets must have input's dtype (outside autocast); gradients flow only to input (not to weight or
     target); C = 0 is refused; double backward (create_graph=True) raises RuntimeError.
     """
+    if (
+        weight is None
+        and ignore_index == -100
+        and reduction == "mean"
+        and type(label_smoothing) is float
+        and label_smoothing == 0.0
+        and type(z_loss) is float
+        and z_loss == 0.0
+        and softcap is None
+        and not inplace_backward
+        and process_group is None
+        and _native_takes_as_it_is(input, target)
+    ):
+        # The common call, at the cost of one op call: every option at its default (nothing for
+        # `_check_args` or `_check_options` to refuse), and the native op checks the tensors itself.
+        return _native_loss(input, target, None, -100, "mean", 0.0, 0.0, None, None)
     _check_options(z_loss, softcap)
     if process_group is not None:
         if z_loss or softcap is not None:
@@ -892,6 +916,22 @@ def _vocab_parallel(
         reduction,
         label_smoothing,
         validate=validate,
+    )
+
+
+def _native_takes_as_it_is(input: object, target: object) -> bool:
+    """True when the native op would run on input and target as they are: CPU tensors, the native
+    backend chosen (forced, or "auto" with the kernels loaded: `select`'s rules), no autocast to apply,
+    and no probability target requiring grad (which `_check_args` refuses)."""
+    return (
+        isinstance(input, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and input.is_cpu
+        and target.is_cpu
+        and not target.requires_grad
+        and requested_backend() in ("auto", "native")
+        and native_available()
+        and not torch.is_autocast_enabled("cpu")
     )
 
 

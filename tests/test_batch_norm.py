@@ -557,6 +557,30 @@ def test_module_bad_parameters_keep_state(change, exc, match):
     assert m.num_batches_tracked.item() == 0
 
 
+def test_module_with_a_parametrized_weight_reads_it_through_the_parametrization():
+    """torch.nn.utils.parametrize replaces `weight` with a property (it leaves the module's parameter
+    dict): the forward must read the parametrized value, and its gradient must reach the original."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m = fused_ops.BatchNorm1d(4, activation="tanh")
+    ref = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(2 * m.weight)
+    parametrize.register_parametrization(m, "weight", Doubled())
+    x = torch.randn(8, 4)
+    y = m(x)
+    torch.testing.assert_close(y, torch.tanh(ref(x)), **F32)
+    y.sum().backward()
+    torch.tanh(ref(x)).sum().backward()
+    torch.testing.assert_close(m.parametrizations.weight.original.grad, 2 * ref.weight.grad, **F32)
+    assert m.num_batches_tracked.item() == 1
+
+
 def test_module_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         fused_ops.BatchNorm1d(4, activation="sigmoid")

@@ -297,6 +297,10 @@ def _bad_cases():
         ("smoothing < 0", {"input": x, "target": y, "label_smoothing": -0.1}, ValueError, "label_smoothing"),
         ("unknown reduction", {"input": x, "target": y, "reduction": "avg"}, ValueError, "reduction"),
         ("float ignore_index", {"input": x, "target": y, "ignore_index": 1.0}, TypeError, "ignore_index"),
+        ("bool label_smoothing", {"input": x, "target": y, "label_smoothing": False}, TypeError, "label_smoothing"),
+        ("bool z_loss", {"input": x, "target": y, "z_loss": False}, TypeError, "z_loss"),
+        ("list input", {"input": x.tolist(), "target": y}, TypeError, "input must be a Tensor"),
+        ("list target", {"input": x, "target": y.tolist()}, TypeError, "target must be a Tensor"),
         ("target on meta", {"input": x, "target": y.to("meta")}, ValueError, "target"),
         (
             "weight on meta",
@@ -307,12 +311,14 @@ def _bad_cases():
     ]
 
 
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["default options", "inplace_backward"])
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda case: case[0])
-def test_bad_input_raises_and_changes_nothing(case):
+def test_bad_input_raises_and_changes_nothing(case, inplace_backward):
+    """With the other options at their defaults too: the call that cross_entropy runs as one op call."""
     _, kwargs, error, fragment = case
     kwargs = dict(kwargs)
     x = kwargs["input"]
-    if x.is_floating_point():
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
         x = kwargs["input"] = x.detach().clone().requires_grad_(True) * 1.0  # non-leaf: inplace allowed
     before = {
         name: t.detach().clone()
@@ -320,7 +326,7 @@ def test_bad_input_raises_and_changes_nothing(case):
         if isinstance(t, torch.Tensor) and t.device.type != "meta"
     }
     with pytest.raises(error, match=fragment):
-        fused_ops.cross_entropy(**kwargs, inplace_backward=True)
+        fused_ops.cross_entropy(**kwargs, inplace_backward=inplace_backward)
     for name, saved in before.items():
         assert torch.equal(kwargs[name].detach(), saved), f"{name} was changed"
 

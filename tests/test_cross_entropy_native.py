@@ -108,6 +108,10 @@ def test_ops_check_their_arguments():
         ops().cross_entropy(x, y[:, None])
     with pytest.raises(TypeError, match="input must be float16"):
         ops().cross_entropy(x.long(), y)
+    with pytest.raises(TypeError, match=r"class indices need an integer dtype \(target.long\(\)\)"):
+        ops().cross_entropy(x, y.float())
+    with pytest.raises(TypeError, match=r"class indices need an integer dtype"):
+        ops().cross_entropy(x[0], torch.tensor(1.0))  # (C,) input: the index shape is ()
     with pytest.raises(ValueError, match="softcap"):
         ops().cross_entropy(x, y, None, -100, 1, 0.0, 0.0, -1.0)
 

@@ -561,6 +561,11 @@ int64_t check_args(const Tensor& input, const Tensor& target, const std::optiona
   TORCH_CHECK_VALUE(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
                     " but input is on ", input.device(), "; all tensors must be on the same device");
   if (target.is_floating_point()) {
+    const auto index_shape = batch_shape(input);
+    TORCH_CHECK_TYPE(target.sizes() == input.sizes() || target.sizes() != at::IntArrayRef(index_shape),
+                     "cross_entropy: target has dtype ", target.scalar_type(), " and shape ", target.sizes(),
+                     ", the shape of class indices: class indices need an integer dtype (target.long()); a float "
+                     "target is read as class probabilities, of the input's shape ", input.sizes());
     TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "cross_entropy: a probability target (float dtype) must ",
                       "have the input's shape ", input.sizes(), ", got target of shape ", target.sizes());
     TORCH_CHECK_TYPE(target.scalar_type() == dtype, "cross_entropy: a probability target must have the input's "
