@@ -148,13 +148,13 @@ def _check_args(
     if not isinstance(training, bool):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
     if not training and running_mean is None:
-        raise ValueError(
-            f"{op}: running_mean and running_var are required in eval mode (training=False)"
-        )
+        raise ValueError(f"{op}: running_mean and running_var are required in eval mode (training=False)")
     cpu = input.is_cpu
     for t in (running_mean, running_var, weight, bias):
         # is_cpu first: no device objects to build in the common case
-        if t is not None and not (isinstance(t, torch.Tensor) and (cpu and t.is_cpu or t.device == input.device)):
+        if t is not None and not (
+            isinstance(t, torch.Tensor) and (cpu and t.is_cpu or t.device == input.device)
+        ):
             _raise_channel_tensor_kind(input, running_mean, running_var, weight, bias, op)
     if tensors:
         _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
@@ -181,8 +181,7 @@ def _check_args(
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if whole_batch and training and channels > 0 and input.numel() == channels:  # N * prod(*) == 1
         raise ValueError(
-            f"{op}: expected more than 1 value per channel when training, "
-            f"got input size {tuple(shape)}"
+            f"{op}: expected more than 1 value per channel when training, got input size {tuple(shape)}"
         )
 
 
@@ -860,7 +859,9 @@ def _native_batch_norm(
     if isinstance(momentum, torch.Tensor):
         return kernels.batch_norm(*head, 0.0, momentum, float(eps), unbiased)
     if unbiased or eps != 1e-5:
-        return kernels.batch_norm(*head, momentum if momentum is None else float(momentum), None, float(eps), unbiased)
+        return kernels.batch_norm(
+            *head, momentum if momentum is None else float(momentum), None, float(eps), unbiased
+        )
     if momentum != 0.1:
         return kernels.batch_norm(*head, momentum if momentum is None else float(momentum))
     return kernels.batch_norm(*head)
@@ -925,7 +926,9 @@ _TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm1d.__init__).paramet
 
 def _own_tensors(
     module: nn.Module,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[
+    torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+]:
     """(weight, bias, running_mean, running_var, num_batches_tracked) of a BatchNorm module.
 
     Read from its parameter and buffer dicts, which is where `module.weight` finds them: an attribute
