@@ -194,12 +194,7 @@ def _raise_channel_tensor_kind(
     op: str,
 ) -> None:
     """The error for the first of the (C,) arguments that is not a tensor on input's device."""
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
+    for name, t in _channel_arguments(running_mean, running_var, weight, bias):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -218,14 +213,16 @@ def _check_channel_tensors(
 ) -> None:
     """The shapes and dtypes of `_check_args`'s (C,) tensors."""
     allowed = (input.dtype, torch.float32) if input.dtype in _HALF_DTYPES else (input.dtype,)
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
+    for name, t in _channel_arguments(running_mean, running_var, weight, bias):
         if t is not None:
             _check_channel_tensor(name, t, input, allowed, op)
+
+
+def _channel_arguments(
+    running_mean: object, running_var: object, weight: object, bias: object
+) -> tuple[tuple[str, object], ...]:
+    """The (C,) arguments with their names, in the order their errors are raised."""
+    return (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
 
 
 _MODULE_FOR_NDIM = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
