@@ -175,6 +175,10 @@ def _check_args(
         )
     if not _is_real(eps):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if eps < 0 or (training and eps == 0):  # torch's rule (2.13): var + eps must stay positive
+        raise ValueError(
+            f"{op}: eps must be positive in training and non-negative in eval, got {eps} (training={training})"
+        )
     if not isinstance(unbiased, bool):
         raise TypeError(f"{op}: unbiased must be a bool, got {type(unbiased).__name__}")
     if activation not in ACTIVATIONS:
@@ -763,6 +767,12 @@ def _batch_norm(
     x = _flatten(input, layout)
     residual_flat = None if residual is None else _flatten(residual, layout)
     if backend == "native":
+        if num_batches_tracked is not None and not _native_counter(num_batches_tracked):
+            # A counter the op does not take (float, int32 or (1,), e.g. loaded with assign=True): counted
+            # here, as the other backends count, once the (C,) tensors are known to pass.
+            _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
+            momentum = _count_batch(num_batches_tracked, momentum, input.dtype)
+            num_batches_tracked = None
         try:
             y = _native_batch_norm(
                 x,
@@ -789,9 +799,7 @@ def _batch_norm(
         return _unflatten(y, layout)
     _check_channel_tensors(input, running_mean, running_var, weight, bias, op)
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative average: momentum = 1 / num_batches_tracked, on device
-            momentum = num_batches_tracked.to(stat_dtype(input.dtype)).reciprocal()
+        momentum = _count_batch(num_batches_tracked, momentum, input.dtype)
     if momentum is None:  # no running stats to update
         momentum = 0.0
     if torch.is_grad_enabled() and (
@@ -831,6 +839,26 @@ def _batch_norm(
                 activation=activation,
             )[0]
     return _unflatten(y, layout)
+
+
+def _native_counter(num_batches_tracked: torch.Tensor) -> bool:
+    """A counter the native op counts itself: torch's own, a 0-dim int64 CPU tensor."""
+    return (
+        num_batches_tracked.dtype == torch.int64
+        and num_batches_tracked.ndim == 0
+        and num_batches_tracked.is_cpu
+    )
+
+
+def _count_batch(
+    num_batches_tracked: torch.Tensor, momentum: float | torch.Tensor | None, dtype: torch.dtype
+) -> float | torch.Tensor | None:
+    """num_batches_tracked += 1, as torch's modules count; returns the momentum to use: for None the
+    cumulative average 1 / num_batches_tracked, as a 0-dim tensor on the counter's device (no host sync)."""
+    num_batches_tracked.add_(1)
+    if momentum is not None:
+        return momentum
+    return num_batches_tracked.to(stat_dtype(dtype)).reciprocal().reshape(())
 
 
 def _native_batch_norm(

@@ -87,6 +87,8 @@ def _check_args(
     if tensors:
         _check_tensors(input, target, weight, ignore_index, op, input_name, sharded)
     if target.requires_grad and target.is_floating_point() and torch.is_grad_enabled():
+        # a float target that is no probability target at all (e.g. of the index shape) is the fault to name
+        _check_tensors(input, target, weight, ignore_index, op, input_name, sharded)
         raise ValueError(
             f"{op}: target requires grad, but gradients with respect to probability targets "
             f"are not computed; pass target.detach()"
@@ -798,6 +800,7 @@ def cross_entropy(
     """
     if (
         weight is None
+        and type(ignore_index) is int
         and ignore_index == -100
         and reduction == "mean"
         and type(label_smoothing) is float

@@ -489,6 +489,9 @@ def _bad_cases():
         "momentum None": ({"momentum": None}, TypeError, "momentum"),
         "unknown activation": ({"activation": "gelu"}, ValueError, "activation"),
         "unbiased not bool": ({"unbiased": "yes"}, TypeError, "unbiased"),
+        "negative eps": ({"eps": -1.0}, ValueError, "eps must be positive"),
+        "zero eps in training": ({"eps": 0.0}, ValueError, "eps must be positive"),
+        "negative eps in eval": ({"eps": -1e-5, "training": False}, ValueError, "eps must be positive"),
     }, {
         "input": x,
         "running_mean": rm,
@@ -539,8 +542,16 @@ def test_module_bad_input_keeps_state(bad_input, exc, match):
     "change,exc,match",
     [
         (lambda m: m.double(), TypeError, "BatchNorm1d: running_mean must have dtype torch.float32"),
-        (lambda m: setattr(m, "weight", nn.Parameter(torch.ones(3))), ValueError, r"BatchNorm1d: weight must have shape \(4,\)"),
-        (lambda m: setattr(m, "bias", nn.Parameter(torch.zeros(4, dtype=torch.float16))), TypeError, "BatchNorm1d: bias must have dtype"),
+        (
+            lambda m: setattr(m, "weight", nn.Parameter(torch.ones(3))),
+            ValueError,
+            r"BatchNorm1d: weight must have shape \(4,\)",
+        ),
+        (
+            lambda m: setattr(m, "bias", nn.Parameter(torch.zeros(4, dtype=torch.float16))),
+            TypeError,
+            "BatchNorm1d: bias must have dtype",
+        ),
     ],
     ids=["float64 module", "weight shape", "bias dtype"],
 )
@@ -579,6 +590,25 @@ def test_module_with_a_parametrized_weight_reads_it_through_the_parametrization(
     torch.tanh(ref(x)).sum().backward()
     torch.testing.assert_close(m.parametrizations.weight.original.grad, 2 * ref.weight.grad, **F32)
     assert m.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize(
+    "counter",
+    [torch.tensor(7.0), torch.tensor(7, dtype=torch.int32), torch.tensor([7])],
+    ids=["float", "int32", "shape (1,)"],
+)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "cumulative"])
+def test_module_counts_a_counter_of_another_kind_as_torch(counter, momentum):
+    """torch's module takes any num_batches_tracked that add_(1) and float() take (load_state_dict(...,
+    assign=True) can bring a float or int32 one): counted, and for momentum=None read, as torch does."""
+    m = fused_ops.BatchNorm1d(4, momentum=momentum, activation="tanh")
+    ref = nn.BatchNorm1d(4, momentum=momentum)
+    m.num_batches_tracked, ref.num_batches_tracked = counter.clone(), counter.clone()
+    for _ in range(2):
+        x = torch.randn(8, 4)
+        torch.testing.assert_close(m(x), torch.tanh(ref(x)), **F32)
+    assert_same(m.state_dict(), ref.state_dict(), **F32)
+    assert m.num_batches_tracked.dtype == counter.dtype and m.num_batches_tracked.shape == counter.shape
 
 
 def test_module_unknown_activation():

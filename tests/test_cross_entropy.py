@@ -297,7 +297,24 @@ def _bad_cases():
         ("smoothing < 0", {"input": x, "target": y, "label_smoothing": -0.1}, ValueError, "label_smoothing"),
         ("unknown reduction", {"input": x, "target": y, "reduction": "avg"}, ValueError, "reduction"),
         ("float ignore_index", {"input": x, "target": y, "ignore_index": 1.0}, TypeError, "ignore_index"),
-        ("bool label_smoothing", {"input": x, "target": y, "label_smoothing": False}, TypeError, "label_smoothing"),
+        (
+            "float default ignore_index",
+            {"input": x, "target": y, "ignore_index": -100.0},
+            TypeError,
+            "ignore_index",
+        ),
+        (
+            "tensor ignore_index",
+            {"input": x, "target": y, "ignore_index": torch.tensor(-100)},
+            TypeError,
+            "ignore_index",
+        ),
+        (
+            "bool label_smoothing",
+            {"input": x, "target": y, "label_smoothing": False},
+            TypeError,
+            "label_smoothing",
+        ),
         ("bool z_loss", {"input": x, "target": y, "z_loss": False}, TypeError, "z_loss"),
         ("list input", {"input": x.tolist(), "target": y}, TypeError, "input must be a Tensor"),
         ("list target", {"input": x, "target": y.tolist()}, TypeError, "target must be a Tensor"),
@@ -344,6 +361,9 @@ def test_grad_requiring_weight_or_target_is_refused():
         fused_ops.cross_entropy(x, torch.tensor([0, 1, 2]), weight=torch.rand(4, requires_grad=True))
     with pytest.raises(ValueError, match="target requires grad"):
         fused_ops.cross_entropy(x, torch.rand(3, 4, requires_grad=True))
+    # a float target of the index shape: its dtype is the fault, not its requires_grad
+    with pytest.raises(TypeError, match="class indices need an integer dtype"):
+        fused_ops.cross_entropy(x, torch.tensor([0.0, 1.0, 2.0], requires_grad=True))
 
 
 # ----------------------------------------------------------------------------------------------------
