@@ -931,7 +931,8 @@ def batch_norm(
         None  nothing more; the residual's gradient is dy itself.
 
     Raises TypeError/ValueError naming the argument on bad input (e.g. 1-D input, a residual of another
-    shape, dtype or device, an unknown activation), before any running stat changes. Under
+    shape, dtype or device, an unknown activation, eps <= 0 in training or < 0 in eval, as torch 2.13),
+    before any running stat changes. Under
     torch.autocast it runs in input's dtype, as torch's batch_norm does (it is on none of autocast's
     lists): bf16 in, bf16 out, float32 statistics.
     """
