@@ -483,22 +483,21 @@ def _native_loss(
     softcap: float | None,
     loss_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """fused_ops::cross_entropy, the native op. The call passes only the arguments that differ from
-    the op's defaults: the boxed call converts each one it gets (~0.4 us apiece, a tenth of a
-    makemore-sized call). The op checks the tensors before it computes anything; a fault among them
-    is raised in `_check_tensors`' words (the other backends')."""
+    """fused_ops::cross_entropy, the native op (fused_ops::cross_entropy_mean for a call with every
+    option at its default). The call passes only the arguments that differ from the op's defaults: the
+    boxed call converts each one it gets (~0.4 us apiece, a tenth of a makemore-sized call)."""
+    if (
+        weight is None
+        and ignore_index == -100
+        and reduction == "mean"
+        and not label_smoothing
+        and not z_loss
+        and softcap is None
+        and loss_dtype is None
+    ):
+        return _native_mean_loss(input, target)
     kernels = _native_kernels()
     try:
-        if (
-            weight is None
-            and ignore_index == -100
-            and reduction == "mean"
-            and not label_smoothing
-            and not z_loss
-            and softcap is None
-            and loss_dtype is None
-        ):
-            return kernels.cross_entropy(input, target)
         return kernels.cross_entropy(
             input,
             target,
@@ -511,11 +510,29 @@ def _native_loss(
             loss_dtype,
         )
     except (TypeError, ValueError):
-        try:
-            _check_tensors(input, target, weight, ignore_index, "cross_entropy", "input", False)
-        except (TypeError, ValueError) as error:
-            raise error from None
+        _reword_tensor_error(input, target, weight, ignore_index)
         raise
+
+
+def _native_mean_loss(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """fused_ops::cross_entropy_mean: every option at its default."""
+    try:
+        return _native_kernels().cross_entropy_mean(input, target)
+    except (TypeError, ValueError):
+        _reword_tensor_error(input, target, None, -100)
+        raise
+
+
+def _reword_tensor_error(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int
+) -> None:
+    """After the native op refused its tensors (it checks them before it computes anything): the fault
+    in `_check_tensors`' words (the other backends'), as the only traceback; returns when that check
+    finds none."""
+    try:
+        _check_tensors(input, target, weight, ignore_index, "cross_entropy", "input", False)
+    except (TypeError, ValueError) as error:
+        raise error from None
 
 
 def _forward(
@@ -814,7 +831,7 @@ def cross_entropy(
     ):
         # The common call, at the cost of one op call: every option at its default (nothing for
         # `_check_args` or `_check_options` to refuse), and the native op checks the tensors itself.
-        return _native_loss(input, target, None, -100, "mean", 0.0, 0.0, None, None)
+        return _native_mean_loss(input, target)
     _check_options(z_loss, softcap)
     if process_group is not None:
         if z_loss or softcap is not None:

@@ -80,6 +80,30 @@ def test_ops_pass_opcheck(name, case):
     torch.library.opcheck(op, case)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        (torch.randn(6, 5, requires_grad=True), torch.tensor([0, 4, -100, 2, 1, 3])),
+        (torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 5, (3, 4))),
+        (torch.randn(7, dtype=torch.bfloat16, requires_grad=True), torch.tensor(3)),
+        (torch.randn(6, 5, requires_grad=True), torch.softmax(torch.randn(6, 5), 1)),
+    ],
+    ids=["(N, C) ignored row", "(N, C, d) float64", "(C,) bfloat16", "probabilities"],
+)
+def test_mean_op_is_the_default_call(case):
+    """fused_ops::cross_entropy_mean (what cross_entropy's default-options call runs): opcheck, and the
+    same loss and gradient bits as fused_ops::cross_entropy with its defaults."""
+    torch.library.opcheck(ops().cross_entropy_mean, case)
+    x, target = case
+    results = []
+    for op in (ops().cross_entropy_mean, ops().cross_entropy):
+        leaf = x.detach().requires_grad_()
+        loss = op(leaf, target)
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_fwd_op_returns_the_unit_gradient_with_input_layout():
     x = torch.randn(3, 5, 4)
     target = torch.randint(0, 5, (3, 4))

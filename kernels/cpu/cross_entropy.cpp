@@ -841,6 +841,18 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const s
   return loss;
 }
 
+// fused_ops::cross_entropy_mean: fused_ops::cross_entropy with every option at its default, the common
+// call. Two arguments for the boxed call from Python to convert instead of nine: 0.8 us of a 4 us call
+// at makemore's size.
+Tensor cross_entropy_mean_cpu(const Tensor& input, const Tensor& target) {
+  return cross_entropy_cpu(input, target, std::nullopt, -100, kReductionMean, 0.0, 0.0, std::nullopt, std::nullopt);
+}
+
+Tensor cross_entropy_mean_autograd(const Tensor& input, const Tensor& target) {
+  return cross_entropy_autograd(input, target, std::nullopt, -100, kReductionMean, 0.0, 0.0, std::nullopt,
+                                std::nullopt);
+}
+
 }  // namespace
 }  // namespace fused_ops
 
@@ -855,15 +867,18 @@ TORCH_LIBRARY_FRAGMENT(fused_ops, m) {
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
         "int reduction=1, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, "
         "ScalarType? loss_dtype=None) -> (Tensor loss, Tensor grad)");
+  m.def("cross_entropy_mean(Tensor input, Tensor target) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_ops, CPU, m) {
   m.impl("cross_entropy", &fused_ops::cross_entropy_cpu);
   m.impl("cross_entropy_fwd", &fused_ops::cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_mean", &fused_ops::cross_entropy_mean_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fused_ops, Autograd, m) {
   m.impl("cross_entropy", &fused_ops::cross_entropy_autograd);
+  m.impl("cross_entropy_mean", &fused_ops::cross_entropy_mean_autograd);
   // cross_entropy_fwd returns a gradient as data: not differentiable itself, and no warning about it
   m.impl("cross_entropy_fwd", torch::CppFunction::makeFallthrough());
 }

@@ -8,7 +8,10 @@ Imported by `build.load()` once the library that defines the ops is loaded, neve
         differentiable (its autograd is registered in C++); reduction is at::Reduction's code
         (0 none, 1 mean, 2 sum); the loss has loss_dtype (default input's dtype): () for "mean" and
         "sum", the target's batch shape for "none".
-    cross_entropy_fwd(same arguments) -> (loss, grad)
+    cross_entropy_mean(input, target) -> loss
+        cross_entropy with every option at its default (the common call, with two arguments for the
+        boxed call to convert instead of nine); differentiable the same way.
+    cross_entropy_fwd(same arguments as cross_entropy) -> (loss, grad)
         also d(loss)/d(input) for grad_output = 1, with input's shape and dtype; its memory is M
         contiguous rows of C (for (N, C, d...) input: (N, d..., C) memory, seen as (N, C, d...)).
 
@@ -50,5 +53,11 @@ def _cross_entropy_fwd_fake(
     return _loss_like(input, reduction, loss_dtype), _grad_like(input)
 
 
+@torch.library.register_fake("fused_ops::cross_entropy_mean")
+def _cross_entropy_mean_fake(input, target):
+    return _loss_like(input, REDUCTIONS["mean"], None)
+
+
 cross_entropy = torch.ops.fused_ops.cross_entropy.default
+cross_entropy_mean = torch.ops.fused_ops.cross_entropy_mean.default
 cross_entropy_fwd = torch.ops.fused_ops.cross_entropy_fwd.default
