@@ -202,6 +202,14 @@ def select(op: str, *tensors: torch.Tensor | None) -> str:
     return _forced_triton(op, tensors, only_cuda, only_cpu)
 
 
+def native_selected(op: str) -> bool:
+    """True when `select(op, ...)` on CPU tensors returns "native" without a warning or an error: `op`
+    has native kernels, the backend asked for is "auto" or "native", and the kernels are available (the
+    first call builds them). For a caller's fast path; `select` remains the decision for every other
+    call (it warns under "auto" and raises under "native" when the kernels cannot run)."""
+    return op in NATIVE_OPS and requested_backend() in ("auto", "native") and native_available()
+
+
 def _forced_native(op: str, tensors: tuple[torch.Tensor | None, ...], only_cpu: bool) -> str:
     if op not in NATIVE_OPS:
         raise BackendUnavailableError(

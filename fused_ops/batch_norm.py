@@ -56,10 +56,8 @@ _SAVES_OUTPUT = ("relu", "tanh")
 def _check_channel_tensor(
     name: str, t: object, input: torch.Tensor, allowed: tuple[torch.dtype, ...], op: str
 ) -> None:
-    """A (C,) float tensor of a dtype in `allowed` (input's, and float32 beside fp16/bf16 input); its
-    device is `_check_args`'s to check."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    """A (C,) tensor of a dtype in `allowed` (input's, and float32 beside fp16/bf16 input). That it is a
+    tensor on input's device is `_check_args`'s to check, which runs first."""
     num_features = input.shape[1]
     if t.shape != (num_features,):
         raise ValueError(
@@ -883,12 +881,11 @@ def _native_batch_norm(
     head = (x, weight, bias, running_mean, running_var, num_batches_tracked, residual, training, code)
     if isinstance(momentum, torch.Tensor):
         return kernels.batch_norm(*head, 0.0, momentum, float(eps), unbiased)
+    momentum = None if momentum is None else float(momentum)  # None: the op's cumulative average
     if unbiased or eps != 1e-5:
-        return kernels.batch_norm(
-            *head, momentum if momentum is None else float(momentum), None, float(eps), unbiased
-        )
+        return kernels.batch_norm(*head, momentum, None, float(eps), unbiased)
     if momentum != 0.1:
-        return kernels.batch_norm(*head, momentum if momentum is None else float(momentum))
+        return kernels.batch_norm(*head, momentum)
     return kernels.batch_norm(*head)
 
 

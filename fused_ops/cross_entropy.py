@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fused_ops.backend import BackendUnavailableError, native_available, requested_backend, select
+from fused_ops.backend import BackendUnavailableError, native_selected, requested_backend, select
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)  # torch accepts int64 and uint8; int32 as well here
@@ -940,17 +940,16 @@ def _vocab_parallel(
 
 
 def _native_takes_as_it_is(input: object, target: object) -> bool:
-    """True when the native op would run on input and target as they are: CPU tensors, the native
-    backend chosen (forced, or "auto" with the kernels loaded: `select`'s rules), no autocast to apply,
-    and no probability target requiring grad (which `_check_args` refuses)."""
+    """True when the native op would run on input and target as they are: CPU tensors for which
+    `select` picks the native backend (`native_selected`), no autocast to apply, and no probability
+    target requiring grad (which `_check_args` refuses)."""
     return (
         isinstance(input, torch.Tensor)
         and isinstance(target, torch.Tensor)
         and input.is_cpu
         and target.is_cpu
         and not target.requires_grad
-        and requested_backend() in ("auto", "native")
-        and native_available()
+        and native_selected("cross_entropy")
         and not torch.is_autocast_enabled("cpu")
     )
 

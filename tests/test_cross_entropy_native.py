@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_ops
-from fused_ops.backend import BackendUnavailableError, native_available, select
+from fused_ops.backend import BackendUnavailableError, native_available, native_selected, select
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="the native kernels cannot be built here")
 
@@ -392,6 +392,31 @@ def test_auto_picks_native_for_cpu_tensors_of_ops_that_have_it():
         assert select("cross_entropy", x, None) == "native"
         assert select("batch_norm", x) == "native"
         assert select("an_op_without_native_kernels", x) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "torch"])
+def test_the_default_call_runs_the_native_op_only_where_select_picks_native(backend):
+    """cross_entropy's default-options call skips `select`; `native_selected` (in backend.py, beside it)
+    must agree with it: with "torch" asked for, no fused_ops op runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x, target = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, 4, -100])
+    with fused_ops.use_backend(backend):
+        assert native_selected("cross_entropy") == (select("cross_entropy", x, target) == "native")
+        assert not native_selected("an_op_without_native_kernels")
+        with Ops() as seen:
+            fused_ops.cross_entropy(x, target)
+    native = [name for name in seen.names if name.startswith("fused_ops::")]
+    assert native == ([] if backend == "torch" else ["fused_ops::cross_entropy_fwd"])
 
 
 def test_forcing_native_where_it_cannot_run_raises():
